@@ -129,10 +129,13 @@ class Evaluator:
                                   for p, t, v in zip(prompts, texts, verdicts)]
             progress.advance(task)
 
-            texts, _ = self.generate(model, [ex.prompt for ex in self.sets.benign])
-            for ex, text in zip(self.sets.benign, texts):
+            texts, tokens = self.generate(model, [ex.prompt for ex in self.sets.benign])
+            for ex, text, toks in zip(self.sets.benign, texts, tokens):
                 ok = float(task_answer_correct(text, ex.answer or ex.response))
                 metrics["utility"].update(ok)
+                if self.collapse_token_id is not None:  # CTRAP plants its collapse on benign data: count it there too
+                    hits = sum(t == self.collapse_token_id for t in toks)
+                    metrics["collapse_token_rate_benign"].update(hits / max(1, len(toks)))
                 per_family[ex.category].append(ok)
             samples["benign"] = [{"prompt": ex.prompt, "generation": t, "answer": ex.answer}
                                  for ex, t in zip(self.sets.benign, texts)]
@@ -149,7 +152,8 @@ class Evaluator:
             progress.advance(task)
 
         unused = {"collapse_token_rate": self.collapse_token_id is None, "task_accuracy": not self.sets.finetune,
-                  "utility": not self.sets.benign}
+                  "utility": not self.sets.benign,
+                  "collapse_token_rate_benign": self.collapse_token_id is None or not self.sets.benign}
         result = {name: float(m.compute()) for name, m in metrics.items() if not unused.get(name)}
         result["perplexity"] = math.exp(result.pop("nll"))
         if self.lm_eval_tasks:  # real models: utility from lm-evaluation-harness replaces exact match

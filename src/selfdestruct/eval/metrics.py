@@ -49,6 +49,7 @@ def evaluation_metrics() -> MetricCollection:
         "nll": MeanMetric(),
         "distinct_2": DistinctN(2),
         "repetition_rate": MeanMetric(),
-        "collapse_token_rate": MeanMetric(),
+        "collapse_token_rate": MeanMetric(),  # share of collapse tokens in the answers to harmful prompts
+        "collapse_token_rate_benign": MeanMetric(),  # ... and in the answers to the benign tasks
         "response_length": MeanMetric(),
     })
