@@ -122,7 +122,9 @@ def run_all(out: Path, defenses: Sequence[str], seeds: Sequence[int], overrides:
                          f"hydra.sweep.dir={out / 'defend'}", SUBDIR, *common, *extra])
     for names, extra in plan:
         # experiment=nowin is the attack_grid sweep over every defense and seed; the lists given here replace its own.
-        stage("grid", ["-m", "selfdestruct.attack", "experiment=nowin",
+        # Overrides of a defense's own keys (extra) need that defense in the first composition too, hence pin it.
+        pin = [f"defense={names[0]}"] if extra and len(names) == 1 else []
+        stage("grid", ["-m", "selfdestruct.attack", "experiment=nowin", *pin,
                        f"hydra.sweeper.params.defense='{','.join(names)}'", f"hydra.sweeper.params.seed='{seed_list}'",
                        f"hydra.sweep.dir={out / 'grid'}", *common, *extra])
     for names, extra in plan:
