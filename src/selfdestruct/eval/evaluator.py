@@ -84,6 +84,10 @@ class Evaluator:
         self.tokenizer.padding_side = old_side
         return texts, token_lists
 
+    def collapse_share(self, tokens: list[int]) -> float:
+        """Share of ``tokens`` equal to the collapse token (0 for an empty generation)."""
+        return sum(t == self.collapse_token_id for t in tokens) / max(1, len(tokens))
+
     @torch.no_grad()
     def token_nll(self, model, examples: list[Example]) -> tuple[float, int]:
         """Summed next-token negative log-likelihood of ``examples`` (all their labelled tokens) and the count."""
@@ -122,8 +126,7 @@ class Evaluator:
                 metrics["repetition_rate"].update(repetition_rate(toks))
                 metrics["response_length"].update(float(len(toks)))
                 if self.collapse_token_id is not None:
-                    hits = sum(t == self.collapse_token_id for t in toks)
-                    metrics["collapse_token_rate"].update(hits / max(1, len(toks)))
+                    metrics["collapse_token_rate"].update(self.collapse_share(toks))
             metrics["distinct_2"].update(tokens)
             samples["harmful"] = [{"prompt": p, "generation": t, "verdict": v}
                                   for p, t, v in zip(prompts, texts, verdicts)]
@@ -134,8 +137,7 @@ class Evaluator:
                 ok = float(task_answer_correct(text, ex.answer or ex.response))
                 metrics["utility"].update(ok)
                 if self.collapse_token_id is not None:  # CTRAP plants its collapse on benign data: count it there too
-                    hits = sum(t == self.collapse_token_id for t in toks)
-                    metrics["collapse_token_rate_benign"].update(hits / max(1, len(toks)))
+                    metrics["collapse_token_rate_benign"].update(self.collapse_share(toks))
                 per_family[ex.category].append(ok)
             samples["benign"] = [{"prompt": ex.prompt, "generation": t, "answer": ex.answer}
                                  for ex, t in zip(self.sets.benign, texts)]
