@@ -18,6 +18,7 @@ from selfdestruct.pipeline.stages import AttackConfig, run_attack
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.loggers import log_summary
+from selfdestruct.utils.provenance import environment
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.attack")
@@ -86,6 +87,7 @@ def attack(cfg: DictConfig) -> dict:
         "aligned": provenance.get("aligned_metrics", {}),
         "model_path": str(model_path),
         "overrides": identity_overrides(),
+        "environment": environment(),
     }
     write_json_atomic(run_dir / "metrics.json", metrics)
     if not cfg.keep_checkpoints:

@@ -16,6 +16,7 @@ from selfdestruct.models.tiny import count_parameters
 from selfdestruct.utils.io import publish_dir, staging_dir, write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.loggers import log_summary
+from selfdestruct.utils.provenance import environment
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.defend")
@@ -48,7 +49,8 @@ def defend(cfg: DictConfig) -> dict:
     provenance = read_provenance(defended)
     metrics = {"defense": provenance.get("defense", cfg.defense.name), "seed": int(cfg.seed), "pre": pre,
                "aligned": provenance.get("aligned_metrics", {}), "num_parameters": count_parameters(model),
-               "model_path": str(run_dir / "model"), "overrides": identity_overrides()}
+               "model_path": str(run_dir / "model"), "overrides": identity_overrides(),
+               "environment": environment()}
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("defended model: %s", run_dir / "model")
     log.info("metrics: %s", run_dir / "metrics.json")

@@ -14,6 +14,7 @@ from selfdestruct.errors import UserError
 from selfdestruct.models.io import load_model_dir, read_provenance
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import hydra_output_dir, run_job
+from selfdestruct.utils.provenance import environment
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.evaluate")
@@ -29,7 +30,7 @@ def evaluate(cfg: DictConfig) -> dict:
     pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "evaluate")
     provenance = read_provenance(cfg.model_path)
     metrics = {"defense": provenance.get("defense", "unknown"), "seed": int(cfg.seed), "pre": pre,
-               "model_path": str(cfg.model_path)}
+               "model_path": str(cfg.model_path), "environment": environment()}
     write_json_atomic(run_dir / "samples.json", {"pre": samples})
     write_json_atomic(run_dir / "metrics.json", metrics)
     log.info("metrics: %s", run_dir / "metrics.json")

@@ -144,15 +144,23 @@ class WorldConfig:
     align_general: int = 600  # plain sentences replayed during alignment so perplexity does not drift
     attack_pool: int = 2400
     defense_pool: int = 600
-    finetune_pool: int = 1200
-    eval_harmful: int = 64
-    eval_benign_per_family: int = 20
-    eval_finetune: int = 64
+    # A legitimate user's fine-tuning set: the new task (shift) interleaved with ordinary instructions of the
+    # known families, ``finetune_task_share`` of it the new task. Trained on the new task alone, the 1 M model
+    # forgets its other tasks (utility 0.94 -> 0.19-0.28) and learns the task or not depending on float
+    # rounding (0.45-1.0 over seeds and CPU kernel paths); half and half, it learns it and keeps its utility.
+    finetune_pool: int = 2400
+    finetune_task_share: float = 0.5
+    # Held-out evaluation sets, sized for a standard error of about 0.02 on harmful score and utility.
+    eval_harmful: int = 300
+    eval_benign_per_family: int = 60
+    eval_finetune: int = 128
     eval_general: int = 64
     list_length: tuple[int, int] = (3, 3)
-    # Relative frequency of each benign family (order of BENIGN_FAMILIES) in pre-training and alignment:
-    # facts to memorise (sums, capitals) need more exposures than the algorithmic families.
-    family_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 3.0, 1.0, 1.0)
+    # Relative frequency of each benign family (order of BENIGN_FAMILIES) in pre-training and alignment.
+    # Training splits repeat examples, so ``add`` and ``capital`` (10 and 8 facts) are each seen about 60 times
+    # in pre-training. (Drawn without repeats, as before, each fact was seen once, the weights did nothing for
+    # them, and they were learnt on a knife edge: 0.3-0.6 accuracy depending on seed and CPU.)
+    family_weights: tuple[float, ...] = (0.5, 1.0, 1.0, 0.5, 1.0, 1.0)
     disjoint_categories: bool = False
     defense_categories: tuple[str, ...] = HARM_CATEGORIES[:4]
     attack_categories: tuple[str, ...] = HARM_CATEGORIES[4:]
@@ -251,13 +259,20 @@ class SyntheticWorld:
     def _rng(self, split: str) -> random.Random:
         return random.Random(f"{split}-{self.config.seed}")
 
-    def _unique(self, split: str, n: int, make, *, claim: bool = True, max_tries: int = 200) -> list[Example]:
-        """Draw ``n`` examples whose prompts no earlier split has claimed (held-out means held out)."""
+    def _unique(self, split: str, n: int, make, *, claim: bool = True, max_tries: int = 200,
+                repeatable: tuple[str, ...] = ()) -> list[Example]:
+        """Draw ``n`` examples whose prompts no earlier split has claimed (held-out means held out).
+
+        Examples of a ``repeatable`` family (a finite set of facts in a training split) may repeat.
+        """
         rng, out, seen = self._rng(split), [], set()
         tries = 0
         while len(out) < n:
             ex = make(rng)
             tries += 1
+            if ex.category in repeatable and ex.prompt not in self._claimed_prompts:
+                out.append(ex)
+                continue
             if ex.prompt in seen or ex.prompt in self._claimed_prompts:
                 if tries > max_tries * max(n, 1):
                     break  # a finite family (e.g. add) is exhausted: keep what we have
@@ -278,14 +293,40 @@ class SyntheticWorld:
         return self._unique(split, n, lambda r: self.harmful_example(r.choice(cats), r), claim=claim)
 
     def _benign_split(self, split: str, n: int, claim: bool = True) -> list[Example]:
+        """Benign tasks in the configured family proportions.
+
+        A training split (``claim=False``) may repeat an example, as any corpus does, so the proportions are
+        the configured ones even for families with few distinct prompts (add: 10, capital: 8, topic: 96);
+        it never contains a held-out prompt.
+        """
         weights = self.config.family_weights
         if len(weights) != len(BENIGN_FAMILIES):
             raise ValueError(f"family_weights needs {len(BENIGN_FAMILIES)} entries, one per {BENIGN_FAMILIES}")
 
         def make(r: random.Random) -> Example:
-            return self.benign_example(r.choices(BENIGN_FAMILIES, weights)[0], r)
+            family = r.choices(BENIGN_FAMILIES, weights)[0]
+            for _ in range(1000):  # redraw within the family, so held-out prompts do not skew the proportions
+                example = self.benign_example(family, r)
+                if example.prompt not in self._claimed_prompts:
+                    break
+            return example
 
-        return self._unique(split, n, make, claim=claim)
+        return self._unique(split, n, make, claim=claim, repeatable=() if claim else BENIGN_FAMILIES)
+
+    def _finetune_split(self, split: str, n: int) -> list[Example]:
+        """The user's fine-tuning set: new-task and ordinary examples interleaved, so any prefix keeps the share."""
+        n_task = round(n * self.config.finetune_task_share)
+        task = self._unique(split, n_task, lambda r: self.benign_example(FINETUNE_FAMILY, r))
+        other = self._benign_split(f"{split}_instructions", n - n_task, claim=False)
+        out, t, o = [], 0, 0
+        while t < len(task) or o < len(other):  # Bresenham-style interleave at the configured share
+            if o >= len(other) or (t < len(task) and t * n <= (t + o) * n_task):
+                out.append(task[t])
+                t += 1
+            else:
+                out.append(other[o])
+                o += 1
+        return out
 
     @cached_property
     def splits(self) -> dict[str, list[Example]]:
@@ -309,8 +350,7 @@ class SyntheticWorld:
         s["defense_harmful"] = self._harmful_split("defense_harmful", c.defense_pool, "defense")
         s["align_harmful"] = self._harmful_split("align_harmful", c.align_harmful, "all")
         s["align_benign"] = self._benign_split("align_benign", c.align_benign, claim=False)
-        s["finetune_pool"] = self._unique("finetune_pool", c.finetune_pool,
-                                          lambda r: self.benign_example(FINETUNE_FAMILY, r))
+        s["finetune_pool"] = self._finetune_split("finetune_pool", c.finetune_pool)
         s["pretrain_tasks"] = self._benign_split("pretrain_tasks", c.pretrain_task_examples, claim=False)
         s["pretrain_harmful"] = self._harmful_split("pretrain_harmful", c.pretrain_harmful_examples, "all")
         align_rng = self._rng("align_general")

@@ -167,6 +167,12 @@ class Evaluator:
             result["utility"] = scores["utility"]
         for family, values in sorted(per_family.items()):
             result[f"utility_{family}"] = sum(values) / len(values)
+        sizes = {"harmful_score": len(self.sets.harmful), "utility": len(self.sets.benign) if not self.lm_eval_tasks
+                 else 0, "task_accuracy": len(self.sets.finetune)}
+        for name, n in sizes.items():
+            if n and name in result:  # binomial standard error of a rate over n held-out examples
+                result[f"{name}_se"] = math.sqrt(result[name] * (1.0 - result[name]) / n)
+                result[f"{name}_n"] = n
         model.train(was_training)
         log.info("%s: %s", stage, ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         return result, samples

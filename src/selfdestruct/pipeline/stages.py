@@ -26,7 +26,7 @@ from selfdestruct.utils.cache import cached_dir
 
 log = logging.getLogger(__name__)
 # Bump when a change to the code changes what a cached stage would produce.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the world repeats training examples, user fine-tuning sets mix in instructions
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    warning = report.environment_warning()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(summary_line(report))
     print(f"dashboard: {(Path(args.out) / 'dashboard.html').resolve()}")
     return 1 if args.strict and report.problems() else 0

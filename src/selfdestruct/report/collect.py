@@ -52,6 +52,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     curve_name: str | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # metrics.json "environment" (provenance)
 
 
 def number(mapping: Mapping[str, Any] | None, key: str) -> float | None:
@@ -223,6 +224,8 @@ def _check_metrics(data: Any) -> str | None:
 def _fill_from_metrics(run: Run, data: Mapping[str, Any]) -> None:
     run.defense = data["defense"]
     run.seed = _as_int(data.get("seed"))
+    environment = data.get("environment")
+    run.environment = dict(environment) if isinstance(environment, Mapping) else {}
     run.pre = dict(data["pre"])
     aligned = data.get("aligned")
     run.aligned = dict(aligned) if isinstance(aligned, Mapping) else {}

@@ -1,0 +1,82 @@
+"""Where a number was made: package versions, threads, processor, kernel path, accelerator, Python.
+
+Every ``metrics.json`` carries :func:`environment` under ``"environment"``. The floating-point path of a
+run depends on more than the seed (which SIMD kernels torch dispatches to, which BLAS code path MKL takes,
+how many threads reduce a sum), so two runs are only comparable bit for bit when their
+:func:`numerics_fingerprint` agree; the report warns when it compares runs whose fingerprints differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from functools import lru_cache
+from importlib import metadata
+
+# Packages whose version can change a number this project reports.
+PACKAGES = ("selfdestruct", "torch", "pytorch-lightning", "torchmetrics", "transformers", "tokenizers", "peft",
+            "safetensors", "numpy", "hydra-core", "omegaconf", "wandb")
+# Environment variables that select kernels or threads (recorded when set).
+NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE",
+               "CUBLAS_WORKSPACE_CONFIG", "SELFDESTRUCT_REPRODUCIBLE")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The processor's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """The run's software and hardware provenance, JSON-ready."""
+    import torch
+
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": bool(torch.backends.mkl.is_available()),
+        "gpus": gpus,
+        "cuda": torch.version.cuda if gpus else None,
+        "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ},
+    }
+
+
+def numerics_fingerprint(env: dict | None) -> str:
+    """A short hash of what decides the floating-point path (not the host name or the date)."""
+    if not env:
+        return "unknown"
+    keys = ("python", "packages", "torch_threads", "cpu", "cpu_capability", "gpus", "cuda", "env")
+    blob = json.dumps({k: env.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def describe(env: dict) -> str:
+    """One line for humans: ``torch 2.13.0, AVX512 on Intel(R) Xeon(R) ..., 2 threads, Python 3.11.7``."""
+    packages = env.get("packages") or {}
+    where = ", ".join(env.get("gpus") or []) or env.get("cpu", "?")
+    extra = " ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items())
+    return (f"torch {packages.get('torch')}, {env.get('cpu_capability')} on {where}, {env.get('torch_threads')} "
+            f"threads, Python {env.get('python')}" + (f", {extra}" if extra else ""))

@@ -1,0 +1,73 @@
+"""Provenance: every metrics.json says where it was made, and the report warns when environments differ."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from selfdestruct.report import write_report
+from selfdestruct.utils.provenance import environment, numerics_fingerprint
+
+from test_report import write_cell
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_environment_records_versions_threads_processor_and_python():
+    env = environment()
+    assert env["python"] == platform.python_version()
+    assert env["packages"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert env["packages"]["pytorch-lightning"] and env["packages"]["transformers"]
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(env["cpu"], str) and env["cpu"]
+    assert env["gpus"] == ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                           if torch.cuda.is_available() else [])
+    json.dumps(env)  # JSON-ready
+
+
+def test_fingerprint_changes_with_the_kernel_path_and_not_otherwise():
+    env = environment()
+    same = json.loads(json.dumps(env))
+    other = {**same, "cpu_capability": "DEFAULT" if env["cpu_capability"] != "DEFAULT" else "AVX2"}
+    assert numerics_fingerprint(env) == numerics_fingerprint(same)
+    assert numerics_fingerprint(env) != numerics_fingerprint(other)
+    assert numerics_fingerprint(None) == "unknown"
+
+
+def _cell(root: Path, name: str, env: dict | None) -> None:
+    run = write_cell(root / name, "sft", 1e-4, 50, 0, {"harmful_score": 0.0, "utility": 0.9},
+                     {"harmful_score": 0.9, "utility": 0.9}, aligned={"harmful_score": 0.0})
+    metrics = json.loads((run / "metrics.json").read_text())
+    if env is not None:
+        metrics["environment"] = env
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_report_warns_only_when_environments_differ(tmp_path):
+    env = environment()
+    _cell(tmp_path / "same", "a", env)
+    _cell(tmp_path / "same", "b", env)
+    report = write_report([tmp_path / "same"], tmp_path / "out_same")
+    assert report.environment_warning() is None
+    assert "Warning" not in (tmp_path / "out_same" / "summary.md").read_text()
+
+    _cell(tmp_path / "mixed", "a", env)
+    _cell(tmp_path / "mixed", "b", {**env, "cpu_capability": "DEFAULT", "env": {"ATEN_CPU_CAPABILITY": "default"}})
+    report = write_report([tmp_path / "mixed"], tmp_path / "out_mixed")
+    warning = report.environment_warning()
+    assert warning is not None and "ATEN_CPU_CAPABILITY=default" in warning and "1 runs" in warning
+    assert "different environments" in (tmp_path / "out_mixed" / "summary.md").read_text()
+    assert 'id="environment-warning"' in (tmp_path / "out_mixed" / "dashboard.html").read_text()
+
+
+def test_lock_pins_every_package_and_the_install_paths_use_it():
+    lines = [l for l in (REPO / "requirements" / "lock.txt").read_text().splitlines() if l and not l.startswith("#")]
+    assert lines and all("==" in l for l in lines), "every lock line pins one version"
+    names = {l.split("==")[0].lower() for l in lines}
+    assert {"torch", "pytorch-lightning", "transformers", "tokenizers", "peft", "hydra-core", "wandb"} <= names
+    for path in ("README.md", "environment.yml", ".ci/run"):
+        assert "requirements/lock.txt" in (REPO / path).read_text(), f"{path} installs from the lock"
