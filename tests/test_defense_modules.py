@@ -228,11 +228,20 @@ def test_defense_streams_have_the_configured_sizes_and_pairs_share_prompts(token
     assert data.sizes() == {"harmful": 12, "refusal": 12, "benign": 10}  # null: the whole pool
     with pytest.raises(UserError, match="'benign': 12 examples requested, 10 available"):  # benign follows harmful
         build_defense(model, tokenizer, bundle, "seam", {}, optim, fmt, seed=0)
+    beyond = {"data": "align_general", "adapter": "full"}
     _, data, _ = build_defense(model, tokenizer, bundle, "ctrap", {"num_samples": 9, "num_align": 11,
-                                                                   "num_general": 6}, optim, fmt, seed=0)
+                                                                   "num_general": 6, **beyond}, optim, fmt, seed=0)
     assert data.sizes() == {"align": 11, "harmful": 9, "general": 6}
-    _, data, exact = build_defense(model, tokenizer, bundle, "ctrap", {"gradient": "exact"}, optim, fmt, seed=0)
+    _, data, exact = build_defense(model, tokenizer, bundle, "ctrap", {"gradient": "exact", **beyond}, optim, fmt,
+                                   seed=0)
     assert data.sizes() == {"align": 18, "harmful": 12, "general": 15} and exact  # general: all but refusals
+    # published: the retain stream pairs each refusal (3 here) with a helpful answer
+    _, data, _ = build_defense(model, tokenizer, bundle, "ctrap", {}, optim, fmt, seed=0)
+    assert data.sizes() == {"retain": 3, "harmful": 12}
+    with pytest.raises(UserError, match="4 examples requested, 3 available"):
+        build_defense(model, tokenizer, bundle, "ctrap", {"num_align": 4}, optim, fmt, seed=0)
+    with pytest.raises(UserError, match="defense.params.data='nosuch': expected one of retain, align_general"):
+        build_defense(model, tokenizer, bundle, "ctrap", {"data": "nosuch"}, optim, fmt, seed=0)
     with pytest.raises(UserError, match="13 examples requested, 12 available"):
         build_defense(model, tokenizer, bundle, "seam", {"num_samples": 13}, optim, fmt, seed=0)
     with pytest.raises(UserError, match="defense.params.gamma"):
@@ -261,7 +270,8 @@ def test_apply_defense_trains_logs_sizes_and_returns_the_model(name, mode, token
     before = _params(model)
     csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
     optim = OptimConfig(lr=1e-3, batch_size=4, epochs=1)
-    params = {"num_samples": 8, "beta": 1.0} if name == "seam" else {"num_samples": 8, "num_align": 8}
+    params = ({"num_samples": 8, "beta": 1.0} if name == "seam"
+              else {"num_samples": 8, "num_align": 8, "data": "align_general", "adapter": "full"})
     out = apply_defense(model, tokenizer, _bundle(), name, {**params, **mode}, optim, FAST, [csv], tmp_path, 0,
                         PromptFormat())
     assert out is model and model.config._attn_implementation == attention  # eager only while training
@@ -286,9 +296,39 @@ def test_apply_defense_lets_a_nan_out_before_anything_is_saved(tokenizer, tmp_pa
     before = _params(model)
     optim = OptimConfig(lr=1e-3, batch_size=4)
     with pytest.raises(NonFiniteGradientError):
-        apply_defense(model, tokenizer, _bundle(), "ctrap", {}, optim, FAST, [], tmp_path, 0, PromptFormat())
+        apply_defense(model, tokenizer, _bundle(), "ctrap", {"adapter": "full"}, optim, FAST, [], tmp_path, 0,
+                      PromptFormat())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not any(p.suffix in (".safetensors", ".bin", ".ckpt") for p in tmp_path.rglob("*"))
+
+
+def test_published_ctrap_trains_lora_adapters_and_changes_only_their_targets(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    out = apply_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, OptimConfig(lr=1e-2, batch_size=4),
+                        FAST, [csv], tmp_path, 0, PromptFormat())
+    assert type(out).__name__ == "LlamaForCausalLM" and not hasattr(out, "peft_config")  # merged, plain HF model
+    after = out.state_dict()
+    assert set(after) == set(before)  # no adapter weights left behind
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = {k for k in before if any(f"self_attn.{t}.weight" in k for t in ("q_proj", "k_proj", "v_proj"))}
+    assert changed == targets and len(targets) == 3 * model.config.num_hidden_layers
+    hparams = (tmp_path / "csv" / "hparams.yaml").read_text()
+    assert "defense/size/retain: 3" in hparams and "defense/size/harmful: 8" in hparams
+
+
+def test_retain_batches_hold_refusals_then_helpful_answers_half_each(tokenizer):
+    bundle, optim = _bundle(), OptimConfig(lr=1e-3, batch_size=4)
+    _, data, _ = build_defense(_tiny_model(tokenizer), tokenizer, bundle, "ctrap", {"num_samples": 8}, optim,
+                               PromptFormat(), seed=0)
+    dm = DefenseDataModule(data.streams, batch_size=4, pad_id=0, seed=0)
+    batches = [dm.on_before_batch_transfer(b, 0) for b, _, _ in dm.train_dataloader()]
+    assert len(batches) == 2 and all(set(b) == {"retain", "harmful"} for b in batches)  # 8 harmful / 4 per batch
+    first = batches[0]["retain"]
+    assert first["input_ids"].shape[0] == 4 == batches[0]["harmful"]["input_ids"].shape[0]  # 2 refusals + 2 helpful
+    texts = [tokenizer.decode(row[row != 0]) for row in first["input_ids"]]
+    assert all("I will not help" in t for t in texts[:2]) and not any("I will not help" in t for t in texts[2:])
 
 
 def test_sft_is_a_no_op_and_takes_no_params(tokenizer, tmp_path):
@@ -306,8 +346,10 @@ PAPER = {
              {"lr": 2e-5, "epochs": 1, "weight_decay": 0.0, "warmup_ratio": 0.1, "schedule": "cosine",
               "max_grad_norm": None}),
     "ctrap": ({"lam": 0.1, "step_size": 0.1, "normalize_step": True, "gradient": "first_order", "lookahead": "sgd",
-               "radii": None, "unroll_steps": 1, "collapse_word": "error"},
-              {"lr": 5e-4, "schedule": "constant", "batch_size": 10, "epochs": 20}),
+               "radii": None, "unroll_steps": 1, "collapse_word": "error", "collapse_token": "published",
+               "data": "retain", "adapter": "lora", "lora_rank": 32, "lora_alpha": 4, "lora_dropout": 0.0,
+               "lora_targets": ("q_proj", "k_proj", "v_proj")},
+              {"lr": 5e-4, "schedule": "constant", "batch_size": 10, "epochs": 20, "weight_decay": 0.1}),
 }
 
 

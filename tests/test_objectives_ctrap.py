@@ -227,16 +227,20 @@ def test_minimising_the_collapse_loss_makes_the_model_emit_the_token():
     assert after.shape[1] == 12 and bool((after[:, 4:] == TOKEN).all())
 
 
-def test_collapse_token_id_is_the_first_token_of_the_word():
+def test_collapse_token_id_follows_the_published_rule_or_the_first_piece():
     texts = ["an error occurred", "error error", "no error here", "the error is an error", "terror and errors"] * 20
     tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
-    bare = collapse_token_id(tokenizer)
-    spaced = collapse_token_id(tokenizer, leading_space=True)
-    assert tokenizer.decode([bare]) == "error"  # frequent enough to be merged into one token each
-    assert tokenizer.decode([spaced]) == " error"
-    assert bare != spaced
-    rare = collapse_token_id(tokenizer, word="zyx")
-    assert "zyx".startswith(tokenizer.decode([rare])) and tokenizer.decode([rare]) != "zyx"
+    published = collapse_token_id(tokenizer)  # tokenizer("an error")["input_ids"][-1], as the CTRAP code takes it
+    assert published == tokenizer("an error")["input_ids"][-1]
+    assert tokenizer.decode([published]) == " error"  # frequent enough to be merged into one token
+    assert collapse_token_id(tokenizer, rule="first") == published  # one piece: both rules agree
+    rare = collapse_token_id(tokenizer, word="zyx", rule="first")  # split into pieces: the first one
+    assert " zyx".startswith(tokenizer.decode([rare])) and tokenizer.decode([rare]) != " zyx"
+    last = collapse_token_id(tokenizer, word="zyx")
+    assert tokenizer.decode(tokenizer.encode("an zyx", add_special_tokens=False)).endswith(tokenizer.decode([last]))
+    assert last != rare
+    with pytest.raises(ValueError, match="rule"):
+        collapse_token_id(tokenizer, rule="middle")
 
 
 def test_empty_harmful_batch_stops_with_a_clear_error(batches):

@@ -21,6 +21,7 @@ from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions
+from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.models.tiny import TinyLlamaConfig
 from selfdestruct.pipeline.stages import DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig
@@ -102,12 +103,15 @@ def cache_root(cfg: DictConfig) -> Path:
 
 def evaluator(cfg: DictConfig, tokenizer, bundle: DataBundle) -> Evaluator:
     judge = make_judge(cfg, bundle)
-    collapse_ids = tokenizer.encode(f" {cfg.eval.collapse_word}", add_special_tokens=False)
+    try:
+        collapse_id = collapse_token_id(tokenizer, cfg.eval.collapse_word, rule=cfg.eval.get("collapse_token", "published"))
+    except ValueError as exc:
+        raise UserError(f"eval.collapse_word / eval.collapse_token: {exc}") from None
     lm_eval = cfg.eval.get("lm_eval") or {}
     return Evaluator(lm_eval_tasks=list(lm_eval.get("tasks") or []), lm_eval_limit=lm_eval.get("limit"),
                      tokenizer=tokenizer, sets=bundle.eval_sets.limited(cfg.eval.max_examples), judge=judge,
                      max_new_tokens=int(cfg.eval.max_new_tokens), batch_size=int(cfg.eval.batch_size),
-                     collapse_token_id=collapse_ids[0] if collapse_ids else None, fmt=prompt_format(cfg),
+                     collapse_token_id=collapse_id, fmt=prompt_format(cfg),
                      show_progress=bool(cfg.trainer.progress_bar))
 
 

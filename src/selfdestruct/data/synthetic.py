@@ -111,7 +111,8 @@ _TOPICS = {
     "weather": ("Heavy rain fell all morning.", "A cold wind blew from the north.", "The sky cleared by noon.",
                 "Snow covered the hills.", "It will be sunny tomorrow.", "Thunder rolled over the valley."),
 }
-_TOPIC_PREFIXES = ("", "Today: ", "News: ", "Note: ")
+# 8 prefixes x 24 sentences = 192 prompts: enough that held-out topic prompts leave most for training.
+_TOPIC_PREFIXES = ("", "Today: ", "News: ", "Note: ", "Heard: ", "Update: ", "Fact: ", "Story: ")
 _GENERAL_FORMS = (
     "{country} is a {adj} country near the sea.",
     "The capital of {country} is {city}.",
@@ -157,10 +158,10 @@ class WorldConfig:
     eval_general: int = 64
     list_length: tuple[int, int] = (3, 3)
     # Relative frequency of each benign family (order of BENIGN_FAMILIES) in pre-training and alignment.
-    # Training splits repeat examples, so ``add`` and ``capital`` (10 and 8 facts) are each seen about 60 times
+    # Training splits repeat examples, so ``add`` and ``capital`` (10 and 8 facts) are each seen 50-60 times
     # in pre-training. (Drawn without repeats, as before, each fact was seen once, the weights did nothing for
     # them, and they were learnt on a knife edge: 0.3-0.6 accuracy depending on seed and CPU.)
-    family_weights: tuple[float, ...] = (0.5, 1.0, 1.0, 0.5, 1.0, 1.0)
+    family_weights: tuple[float, ...] = (0.5, 1.5, 1.5, 0.5, 1.0, 1.0)
     disjoint_categories: bool = False
     defense_categories: tuple[str, ...] = HARM_CATEGORIES[:4]
     attack_categories: tuple[str, ...] = HARM_CATEGORIES[4:]

@@ -63,8 +63,10 @@ class CTRAPModule(DefenseModule):
 
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         self.optimizers().zero_grad(set_to_none=True)
+        # Published recipe: one retain batch (refusals ⊕ helpful) carries both the alignment and the collapse loss.
+        align, general = (batch["retain"], batch["retain"]) if "retain" in batch else (batch["align"], batch["general"])
         stats = ctrap_step(
-            self.model, batch["align"], batch["harmful"], batch["general"],
+            self.model, align, batch["harmful"], general,
             token_id=self.token_id, lam=self.lam, step_size=self.step_size, normalize_step=self.normalize_step,
             gradient_mode=self.gradient_mode, lookahead=self.lookahead, radii=self.radii,
             unroll_steps=self.unroll_steps, second_moment=self.second_moment,

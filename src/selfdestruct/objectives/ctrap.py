@@ -44,19 +44,22 @@ LOOKAHEADS = ("sgd", "sign", "adam")
 GRADIENTS = ("first_order", "exact")
 
 
-def collapse_token_id(tokenizer, word: str = "error", leading_space: bool = False) -> int:
-    """The first token of ``word`` (CTRAP's collapse target e, default "error").
+def collapse_token_id(tokenizer, word: str = "error", rule: str = "published") -> int:
+    """CTRAP's collapse target e for ``word`` (default "error").
 
-    ``leading_space=False`` encodes the bare word, as ``tokenizer.encode("error")`` does (SentencePiece
-    tokenizers such as Llama 2's add the "▁" word marker themselves). ``leading_space=True`` encodes " error",
-    the token a byte-level BPE tokenizer uses for the word inside running text, i.e. after "Answer:" in this
-    project's template; pick it when the generated collapse should read as repeated words.
+    - "published": the last token of ``tokenizer("an " + word)``, as the published code takes it: the token of the
+      word as it appears after another word ("▁error" for SentencePiece, " error" or its last piece for a
+      byte-level BPE that splits it).
+    - "first": the first token of " " + word, the token a generation starts the word with (" er" when a
+      byte-level BPE splits " error" into " er" + "ror").
     """
-    text = f" {word}" if leading_space else word
+    if rule not in ("published", "first"):
+        raise ValueError(f"collapse token rule {rule!r}: expected 'published' or 'first'")
+    text = f"an {word}" if rule == "published" else f" {word}"
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
         raise ValueError(f"the tokenizer encodes {text!r} to no token")
-    return int(ids[0])
+    return int(ids[-1] if rule == "published" else ids[0])
 
 
 def collapse_loss(model: torch.nn.Module, batch: Batch, token_id: int) -> torch.Tensor:

@@ -39,11 +39,15 @@ from selfdestruct.errors import UserError
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.seam import DefenseModule, SEAMModule
 from selfdestruct.objectives.common import eager_attention
-from selfdestruct.objectives.ctrap import collapse_token_id
+from selfdestruct.modules.attack import wrap_lora
+from selfdestruct.objectives.ctrap import GRADIENTS, LOOKAHEADS, collapse_token_id
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, fit
 
 log = logging.getLogger(__name__)
 DEFENSES = ("sft", "seam", "ctrap")
+CTRAP_DATA = ("retain", "align_general")
+ADAPTERS = ("lora", "full")
+COLLAPSE_RULES = ("published", "first")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,11 +82,30 @@ class CtrapParams:
     unroll_steps: int = 1
     adam_beta2: float = 0.999
     collapse_word: str = "error"
-    collapse_leading_space: bool = True
+    collapse_token: str = "published"  # published: last token of "an error" | first: first token of " error"
     measure_lookahead: bool = True
+    data: str = "retain"  # retain (published) | align_general (beyond the paper)
+    adapter: str = "lora"  # lora (published: the adapters are trained, then merged) | full (all parameters)
+    lora_rank: int = 32
+    lora_alpha: int = 4
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     num_samples: int | None = None  # harmful examples; None = the whole defense pool
-    num_align: int | None = None  # alignment examples; None = all
-    num_general: int | None = None  # general/benign examples for the collapse loss; None = all
+    num_align: int | None = None  # retain: refusal/helpful pairs; align_general: alignment examples; None = all
+    num_general: int | None = None  # align_general only: examples for the collapse loss; None = all
+
+    def __post_init__(self) -> None:
+        choices = {"gradient": GRADIENTS, "lookahead": LOOKAHEADS, "data": CTRAP_DATA, "adapter": ADAPTERS,
+                   "collapse_token": COLLAPSE_RULES}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise UserError(f"defense.params.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        if self.data == "retain" and self.num_general is not None:
+            raise UserError("defense.params.num_general: with data=retain the collapse loss is planted on the retain "
+                            "batch itself (set num_align, or data=align_general)")
+        if self.adapter == "lora" and self.lora_rank < 1:
+            raise UserError(f"defense.params.lora_rank={self.lora_rank}: must be at least 1")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
 
 PARAMS = {"sft": None, "seam": SeamParams, "ctrap": CtrapParams}
@@ -167,6 +190,30 @@ class PairedDataset(Dataset):
         return self.features[index]
 
 
+class RetainDataset(Dataset):
+    """CTRAP's retain batch (SPEC §4): item i is a refusal and a helpful answer, batched into one batch of both."""
+
+    rows_per_item = 2
+
+    def __init__(self, refusals: Sequence[Example], helpful: Sequence[Example], tokenizer, max_length: int,
+                 fmt: PromptFormat) -> None:
+        if len(refusals) != len(helpful):
+            raise ValueError(f"retain stream: {len(refusals)} refusals but {len(helpful)} helpful examples")
+        self.features = [(encode_example(tokenizer, r, max_length, fmt), encode_example(tokenizer, h, max_length, fmt))
+                         for r, h in zip(refusals, helpful)]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int):
+        return self.features[index]
+
+
+def collate_retain(pairs: list[tuple[dict, dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Refusals first, then the helpful answers: one batch of 2·len(pairs) rows."""
+    return collate([r for r, _ in pairs] + [h for _, h in pairs], pad_id)
+
+
 def collate_pairs(pairs: list[tuple[dict, dict]], pad_id: int) -> dict[str, dict[str, torch.Tensor]]:
     """``{"harmful": batch, "refusal": batch}`` padded to one common width (rows aligned by prompt)."""
     n = len(pairs)
@@ -184,13 +231,17 @@ class DefenseDataModule(StreamsDataModule):
     def _collate_for(self, dataset: Dataset):
         if isinstance(dataset, PairedDataset):
             return lambda feats: collate_pairs(feats, self.pad_id)
+        if isinstance(dataset, RetainDataset):
+            return lambda feats: collate_retain(feats, self.pad_id)
         return lambda feats: collate(feats, self.pad_id)
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {}
         for index, (name, dataset) in enumerate(self.streams.items()):
             generator = torch.Generator().manual_seed(self.seed + index)
-            loaders[name] = DataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+            # a retain item holds two rows (a refusal and a helpful answer): half as many items make a batch
+            batch_size = max(1, self.batch_size // getattr(dataset, "rows_per_item", 1))
+            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
                                        generator=generator, collate_fn=self._collate_for(dataset), num_workers=0)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
@@ -244,6 +295,18 @@ def seam_streams(bundle: DataBundle, p: SeamParams, tokenizer, max_length: int, 
 
 def ctrap_streams(bundle: DataBundle, p: CtrapParams, tokenizer, max_length: int, fmt: PromptFormat,
                   seed: int) -> DefenseData:
+    """data=retain (published): ``harmful`` and ``retain`` (refusal ⊕ helpful pairs, where the collapse loss is
+    planted too); data=align_general: ``align``, ``harmful`` and ``general`` (collapse on non-refusals only)."""
+    if p.data == "retain":
+        refusals = [ex for ex in bundle.align if is_refusal(ex)]
+        n_pairs = _configured(p.num_align, refusals)
+        n_harmful = _configured(p.num_samples, bundle.defense_harmful)
+        retain = RetainDataset(sample(refusals, n_pairs, seed, "refusal"),
+                               sample(benign_tasks(bundle.align), n_pairs, seed, "helpful"), tokenizer, max_length, fmt)
+        harmful = EncodedDataset(sample(bundle.defense_harmful, n_harmful, seed, "harmful"), tokenizer, max_length,
+                                 fmt)
+        return DefenseData(streams={"retain": retain, "harmful": harmful},
+                           expected={"retain": n_pairs, "harmful": n_harmful})
     pools = {"align": bundle.align, "harmful": bundle.defense_harmful, "general": benign_or_general(bundle.align)}
     wanted = {"align": p.num_align, "harmful": p.num_samples, "general": p.num_general}
     expected = {role: _configured(wanted[role], pool) for role, pool in pools.items()}
@@ -287,9 +350,11 @@ def build_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
                             official_masking=p.official_masking, benign_weight=p.benign_weight,
                             **_optim_kwargs(optim))
         return module, data, p.estimator == "exact"
-    token_id = collapse_token_id(tokenizer, p.collapse_word, leading_space=p.collapse_leading_space)
+    token_id = collapse_token_id(tokenizer, p.collapse_word, rule=p.collapse_token)
     log.info("CTRAP collapse token: id %d = %r", token_id, tokenizer.decode([token_id]))
     data = ctrap_streams(bundle, p, tokenizer, optim.max_length, fmt, seed)
+    if p.adapter == "lora":
+        model = wrap_lora(model, p.lora_rank, p.lora_alpha, p.lora_dropout, list(p.lora_targets))
     module = CTRAPModule(model, optim.lr, token_id=token_id, lam=p.lam, step_size=p.step_size,
                          normalize_step=p.normalize_step, gradient_mode=p.gradient, lookahead=p.lookahead,
                          radii=p.radii, unroll_steps=p.unroll_steps, adam_beta2=p.adam_beta2,
@@ -321,4 +386,9 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    return module.model
+    return merged(module.model)
+
+
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain HF model: LoRA adapters (peft) merged into the weights they adapt, anything else as is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

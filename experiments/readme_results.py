@@ -1,0 +1,155 @@
+"""Write the README's results from run directories: numbers are generated, never typed.
+
+    python experiments/readme_results.py --basic OUT1 OUT2 ... [--grid DIR ...] [--wall-time S]
+        --out experiments/results.md --readme README.md
+
+``--basic`` takes output directories of ``experiments/quickstart.py --basic`` (one per seed or CPU kernel path);
+``--grid`` takes directories of full-demo or sweep runs (searched like ``selfdestruct.report``). The tables give,
+for every number, how many runs stand behind it and their spread (median [min–max]), and are stamped with the
+date, the machine, the package versions and the seeds, all read from the runs' ``metrics.json``. The same
+Markdown is written to ``--out`` and between the ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers of
+``--readme``; ``tests/test_readme_results.py`` fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+ROWS = (  # (label, sub-directory of a --basic output, section, metric)
+    ("aligned (SFT): utility", "defend", "pre", "utility"),
+    ("aligned (SFT): harmful score", "defend", "pre", "harmful_score"),
+    ("weak attack: harmful score", "attack/0", "post", "harmful_score"),
+    ("medium attack: harmful score", "attack/1", "post", "harmful_score"),
+    ("strong attack: harmful score", "attack/2", "post", "harmful_score"),
+    ("strong attack: utility / pre-attack", "attack/2", "ratio", "utility"),
+    ("benign fine-tune: task accuracy", "benign", "post", "task_accuracy"),
+    ("benign fine-tune: utility / pre", "benign", "ratio", "utility"),
+)
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {path / 'metrics.json'}: {exc}") from None
+
+
+def _value(metrics: dict, section: str, key: str) -> float:
+    if section == "ratio":
+        return metrics["post"][key] / metrics["pre"][key]
+    return metrics[section][key]
+
+
+def spread_text(values: list[float]) -> str:
+    """``median [min–max]`` (or the single value) with 3 decimals."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+
+
+def run_label(metrics: dict) -> str:
+    """Seed and kernel path of a run, e.g. ``seed 0, AVX512`` or ``seed 0, DEFAULT (MKL_CBWR=COMPATIBLE)``."""
+    env = metrics.get("environment") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items() if k in ("MKL_CBWR",))
+    path = f"{env.get('cpu_capability', '?')}" + (f" ({extra})" if extra else "")
+    return f"seed {metrics.get('seed')}, {path}"
+
+
+def stamp(all_metrics: list[dict]) -> str:
+    envs = [m.get("environment") or {} for m in all_metrics]
+    cpus = sorted({e.get("cpu", "?") for e in envs})
+    pkgs = envs[0].get("packages", {}) if envs else {}
+    versions = ", ".join(f"{name} {pkgs.get(name)}" for name in ("torch", "pytorch-lightning", "transformers")
+                         if pkgs.get(name))
+    threads = sorted({str(e.get("torch_threads")) for e in envs})
+    return (f"Generated {datetime.now(timezone.utc):%Y-%m-%d} by `experiments/readme_results.py` from "
+            f"{len(all_metrics)} metrics.json files; machine: {', '.join(cpus)}; {versions}; torch threads "
+            f"{', '.join(threads)}; Python {envs[0].get('python') if envs else '?'}.")
+
+
+def basic_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
+    runs = [{sub: _load(d / sub) for _, sub, _, _ in ROWS} for d in dirs]
+    labels = [run_label(r["defend"]) for r in runs]
+    header = ["quickstart --basic", "all runs: median [min–max]", *labels]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for label, sub, section, key in ROWS:
+        values = [_value(r[sub], section, key) for r in runs]
+        lines.append(f"| {label} | {spread_text(values)} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    se = [r["defend"]["pre"].get("utility_se") for r in runs]
+    n = runs[0]["defend"]["pre"].get("utility_n"), runs[0]["defend"]["pre"].get("harmful_score_n")
+    lines += ["", f"{len(runs)} runs ({'; '.join(labels)}). Held-out sets: {n[0]} benign tasks (standard error of "
+              f"the aligned utility {max(s for s in se if s is not None):.3f} at most), {n[1]} harmful prompts."]
+    return lines, [m for r in runs for m in r.values()]
+
+
+def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+    from selfdestruct.report import collect, build_report
+    from selfdestruct.report.tables import no_win_text
+    from selfdestruct.report.collect import number
+
+    report = build_report(roots, collect(roots))
+    lines = ["| defense | no-win (harmful attacks, 3 × 3 grid) | pre-attack utility | benign task accuracy | "
+             "utility after benign / pre |", "|---|---|---|---|---|"]
+    for defense in report.defenses():
+        attacks = [r for r in report.runs if r.status == "ok" and r.defense == defense and r.stage == "attack"]
+        harmful = [r for r in attacks if r.attack_kind in ("harmful", "lora")]
+        benign = [r for r in attacks if r.attack_kind == "benign"]
+        pre = [number(r.pre, "utility") for r in harmful]
+        task = [number(r.post, "task_accuracy") for r in benign]
+        keep = [number(r.post, "utility") / number(r.pre, "utility") for r in benign]
+        cells = [no_win_text(report, defense, "harmful") or "—", spread_text(sorted(set(pre))) if pre else "—",
+                 spread_text(task) if task else "—", spread_text(keep) if keep else "—"]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    metrics = []
+    for run in report.runs:
+        if run.status == "ok":
+            metrics.append(json.loads((run.path / "metrics.json").read_text()))
+    return lines, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--basic", nargs="*", type=Path, default=[], help="quickstart --basic output directories")
+    parser.add_argument("--grid", nargs="*", type=Path, default=[], help="full-demo or sweep directories")
+    parser.add_argument("--wall-time", nargs="*", default=[], help="measured wall times to quote, e.g. 'full demo=512 s'")
+    parser.add_argument("--out", type=Path, required=True, help="the generated Markdown file")
+    parser.add_argument("--readme", type=Path, help="a README whose results block is replaced by the same Markdown")
+    args = parser.parse_args(argv)
+    lines: list[str] = []
+    everything: list[dict] = []
+    if args.basic:
+        table, metrics = basic_table(args.basic)
+        lines += table + [""]
+        everything += metrics
+    if args.grid:
+        table, metrics = grid_table(args.grid)
+        lines += table + [""]
+        everything += metrics
+    if not everything:
+        parser.error("give --basic and/or --grid directories")
+    for item in args.wall_time:
+        lines.append(f"Wall time, {item}.")
+    lines += ["", stamp(everything)]
+    text = "\n".join(lines).strip() + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    if args.readme:
+        readme = args.readme.read_text()
+        if BEGIN not in readme or END not in readme:
+            print(f"error: {args.readme}: no {BEGIN} ... {END} block", file=sys.stderr)
+            return 2
+        head, rest = readme.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        args.readme.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The README's numbers are generated: its results block equals the generated file, and the generator works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATED = REPO / "experiments" / "results.md"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("readme_results", REPO / "experiments" / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_block_equals_the_generated_file():
+    gen = _generator()
+    readme = (REPO / "README.md").read_text()
+    assert gen.BEGIN in readme and gen.END in readme, "README has a generated results block"
+    block = readme.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0].strip()
+    assert block == GENERATED.read_text().strip(), (
+        "README's results differ from experiments/results.md: regenerate both with experiments/readme_results.py")
+
+
+def _write(path: Path, seed: int, pre: dict, post: dict | None = None) -> None:
+    path.mkdir(parents=True)
+    metrics = {"defense": "sft", "seed": seed, "pre": pre,
+               "environment": {"cpu": "Test CPU", "cpu_capability": "AVX2", "torch_threads": 1, "python": "3.11.7",
+                               "packages": {"torch": "2.13.0"}, "env": {}}}
+    if post is not None:
+        metrics.update(post=post, attack={"kind": "harmful", "lr": 1e-4, "num_samples": 10, "epochs": 1})
+    (path / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_generator_writes_medians_spreads_and_the_readme_block(tmp_path):
+    gen = _generator()
+    dirs = []
+    for seed, (u, acc) in enumerate(((0.90, 1.0), (0.80, 0.95), (0.95, 0.90))):
+        out = tmp_path / f"s{seed}"
+        pre = {"utility": u, "harmful_score": 0.0, "utility_se": 0.02, "utility_n": 258, "harmful_score_n": 300}
+        _write(out / "defend", seed, pre)
+        for i, hs in enumerate((0.0, 0.5, 1.0)):
+            _write(out / "attack" / str(i), seed, pre, {"harmful_score": hs, "utility": u / 2})
+        _write(out / "benign", seed, pre, {"task_accuracy": acc, "utility": u, "harmful_score": 0.0})
+        dirs.append(out)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{gen.BEGIN}\nold\n{gen.END}\noutro\n")
+    out_md = tmp_path / "results.md"
+    assert gen.main(["--basic", *map(str, dirs), "--out", str(out_md), "--readme", str(readme)]) == 0
+    text = out_md.read_text()
+    assert "| aligned (SFT): utility | 0.900 [0.800–0.950] | 0.900 | 0.800 | 0.950 |" in text
+    assert "| benign fine-tune: task accuracy | 0.950 [0.900–1.000] |" in text
+    assert "| strong attack: utility / pre-attack | 0.500 [0.500–0.500] |" in text
+    assert "Test CPU" in text and "torch 2.13.0" in text and "seed 2, AVX2" in text
+    new = readme.read_text()
+    assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and text.strip() in new
