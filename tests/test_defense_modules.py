@@ -368,3 +368,70 @@ def test_defense_configs_compose_with_paper_defaults_and_every_key_is_consumed(n
     lines = (Path(__file__).resolve().parents[1] / "conf" / "defense" / f"{name}.yaml").read_text().splitlines()
     assert all("#" in line for line in lines if line.strip() and not line.rstrip().endswith(":")
                and not line.startswith("name:"))
+
+
+# ---- fidelity: one published CTRAP step through the module, against the published arithmetic ---------------------
+
+
+def _published_ctrap_gradient(model, retain: dict, harmful: dict, token: int, lam: float, a: float) -> list:
+    """SPEC §4 written out independently: g_h on the harmful batch, θ' = θ − a·g_h/(‖g_h‖ + 1e-7) over the trainable
+    (LoRA) parameters, gradient = ∇CE(θ; retain) + λ·∇CE(θ'; retain with every label set to e)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def ce(batch, labels):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    g_h = torch.autograd.grad(ce(harmful, harmful["labels"]), params)
+    length = torch.sqrt(sum((g * g).sum() for g in g_h)) + 1e-7
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, g_h):
+            p.sub_(a * g / length)
+    relabelled = torch.where(retain["labels"] != -100, torch.full_like(retain["labels"], token), retain["labels"])
+    g_col = torch.autograd.grad(ce(retain, relabelled), params)
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    g_retain = torch.autograd.grad(ce(retain, retain["labels"]), params)
+    return [r + lam * c for r, c in zip(g_retain, g_col)]
+
+
+class _GradientProbe(pl.Callback):
+    """Keeps the gradients the optimiser is about to apply (after the module's step, before AdamW)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = [p.grad.detach().clone() for p in pl_module.trainable_parameters()]
+
+
+def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic(tokenizer, tmp_path):
+    lr, wd, lam, a = 1e-3, 0.1, 0.1, 0.1
+    model = _tiny_model(tokenizer)
+    optim = OptimConfig(lr=lr, batch_size=4, weight_decay=wd)
+    module, data, _ = build_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, optim, PromptFormat(), 0)
+    module.model.double()
+    reference = copy.deepcopy(module.model)
+    before = [p.detach().clone() for p in module.trainable_parameters()]
+    seen = []
+    step = module.training_step
+    module.training_step = lambda batch, *rest: (seen.append(batch), step(batch, *rest))[1]
+    probe = _GradientProbe()
+    dm = DefenseDataModule(data.streams, batch_size=4, pad_id=0, seed=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[probe])
+    trainer.fit(module, datamodule=dm)
+
+    batch = seen[0]
+    assert batch["retain"]["input_ids"].shape[0] == 4  # 2 refusals + 2 helpful answers
+    want = _published_ctrap_gradient(reference, batch["retain"], batch["harmful"], module.token_id, lam, a)
+    assert len(want) == len(probe.grads) > 0 and all("lora" in n for n, p in module.model.named_parameters()
+                                                     if p.requires_grad)
+    num = math.sqrt(sum(float(((g - w) ** 2).sum()) for g, w in zip(probe.grads, want)))
+    den = math.sqrt(sum(float((w**2).sum()) for w in want))
+    assert num / den <= 1e-6, num / den
+    # the parameter update is AdamW's first step on that gradient (m̂ = g, v̂ = g²) with decoupled weight decay
+    got = [p1.detach() - p0 for p0, p1 in zip(before, module.trainable_parameters())]
+    expected = [-lr * wd * p0 - lr * g / (g.abs() + 1e-8) for p0, g in zip(before, want)]
+    num = math.sqrt(sum(float(((u - v) ** 2).sum()) for u, v in zip(got, expected)))
+    assert num / math.sqrt(sum(float((v**2).sum()) for v in expected)) <= 1e-6
