@@ -56,11 +56,11 @@ def attack(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
         return done
     cc.check_launch(cfg)
-    spec = attack_config(cfg)
-    if spec.num_samples < 1:
-        raise UserError(f"attack.num_samples={spec.num_samples}: must be at least 1")
-    if spec.data not in ("harmful", "benign", "mixed"):
-        raise UserError(f"attack.data={spec.data!r}: expected 'harmful', 'benign' or 'mixed'")
+    spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
+    cc.trainer_config(cfg)
+    if cfg.model_path == "defend":  # the defense this cell would build, checked before any work too
+        cc.defense_spec(cfg)
+        cc.optim_config(cfg, "pretrain"), cc.optim_config(cfg, "align")
     bundle = cc.data_bundle(cfg)
     examples = attack_examples(bundle, spec, int(cfg.seed))
     loggers = cc.job_loggers(cfg, run_dir)

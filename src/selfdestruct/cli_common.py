@@ -17,7 +17,7 @@ from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
 from selfdestruct.data.synthetic import WorldConfig
-from selfdestruct.errors import UserError
+from selfdestruct.errors import FieldError, UserError
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions
@@ -40,7 +40,10 @@ def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] =
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise err.under(key) from None
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -151,6 +154,9 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
     optim = to_dataclass(OptimConfig, node.optim, "defense.optim") if node.get("optim") else None
     if node.name != "sft" and optim is None:
         raise UserError(f"defense={node.name}: defense.optim is missing (the optimiser of the defense stage)")
+    from selfdestruct.pipeline.defense import parse_params
+
+    parse_params(str(node.name), params)  # every defense parameter checked before any work
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name))
 
 

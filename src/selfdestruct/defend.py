@@ -36,7 +36,8 @@ def defend(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
         return done
     cc.check_launch(cfg)
-    cc.defense_spec(cfg)  # validate the defense config before any work
+    cc.defense_spec(cfg)  # validate every config group before any work
+    cc.trainer_config(cfg), cc.optim_config(cfg, "pretrain"), cc.optim_config(cfg, "align")
     bundle = cc.data_bundle(cfg)
     loggers = cc.job_loggers(cfg, run_dir)
     defended = cc.defended_dir(cfg, bundle, loggers, run_dir)

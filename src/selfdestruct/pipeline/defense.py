@@ -35,12 +35,13 @@ from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
 from selfdestruct.data.records import Example
 from selfdestruct.data.sources import DataBundle
-from selfdestruct.errors import UserError
+from selfdestruct.errors import FieldError, UserError, check_choice, check_number
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.seam import DefenseModule, SEAMModule
 from selfdestruct.objectives.common import eager_attention
 from selfdestruct.modules.attack import wrap_lora
 from selfdestruct.objectives.ctrap import GRADIENTS, LOOKAHEADS, collapse_token_id
+from selfdestruct.objectives.seam import ESTIMATORS
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, fit
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,14 @@ class SeamParams:
     benign_weight: float = 0.0
     num_samples: int | None = None  # harmful/refusal pairs; None = the whole defense pool
     num_benign: int | None = None  # benign examples; None = as many as num_samples (the official code)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "benign_weight"):
+            check_number(self, name)
+        check_number(self, "eps", low=0.0, low_open=True)
+        check_choice(self, "estimator", ESTIMATORS)
+        check_number(self, "num_samples", low=1, integer=True, optional=True)
+        check_number(self, "num_benign", low=1, integer=True, optional=True)
 
 
 @dataclass(frozen=True)
@@ -98,13 +107,22 @@ class CtrapParams:
         choices = {"gradient": GRADIENTS, "lookahead": LOOKAHEADS, "data": CTRAP_DATA, "adapter": ADAPTERS,
                    "collapse_token": COLLAPSE_RULES}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"defense.params.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+            check_choice(self, key, allowed)
+        check_number(self, "lam")
+        check_number(self, "step_size", low=0.0, low_open=True)
+        check_number(self, "unroll_steps", low=1, integer=True)
+        check_number(self, "adam_beta2", low=0.0, high=1.0, low_open=True)
+        check_number(self, "lora_rank", low=1, integer=True)
+        check_number(self, "lora_alpha", low=0.0, low_open=True)
+        check_number(self, "lora_dropout", low=0.0, high=0.99)
+        for name in ("num_samples", "num_align", "num_general"):
+            check_number(self, name, low=1, integer=True, optional=True)
+        if self.radii is not None and (not self.radii or not all(isinstance(r, (int, float)) and r > 0
+                                                                 for r in self.radii)):
+            raise FieldError("radii", self.radii, "expected null or a non-empty list of positive step sizes")
         if self.data == "retain" and self.num_general is not None:
-            raise UserError("defense.params.num_general: with data=retain the collapse loss is planted on the retain "
-                            "batch itself (set num_align, or data=align_general)")
-        if self.adapter == "lora" and self.lora_rank < 1:
-            raise UserError(f"defense.params.lora_rank={self.lora_rank}: must be at least 1")
+            raise FieldError("num_general", self.num_general, "with data=retain the collapse loss is planted on the "
+                             "retain batch itself (set num_align, or data=align_general)")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
 
@@ -125,7 +143,10 @@ def parse_params(name: str, params: Mapping[str, Any] | None):
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"defense.params.{unknown[0]}: unknown option for {name} (known: {', '.join(sorted(known))})")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise err.under("defense.params") from None
 
 
 def _plain(params: Mapping[str, Any]) -> dict[str, Any]:

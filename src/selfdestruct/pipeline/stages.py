@@ -20,8 +20,8 @@ from selfdestruct.models.io import LoadOptions, load_model_dir, save_model_dir
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_parameters
 from selfdestruct.modules.attack import AttackModule
 from selfdestruct.modules.sft import SFTModule
-from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, fit
-from selfdestruct.errors import UserError
+from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, check_optim_fields, fit
+from selfdestruct.errors import FieldError, UserError, check_choice, check_number
 from selfdestruct.utils.cache import cached_dir
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,29 @@ class AttackConfig:
     max_grad_norm: float | None = None
     max_length: int = 96
     lora: dict | None = None
+
+    def __post_init__(self) -> None:
+        check_optim_fields(self)
+        check_choice(self, "data", ATTACK_DATA)
+        check_number(self, "num_samples", low=1, integer=True)
+        check_number(self, "poison_ratio", low=0.0, high=1.0)
+        if self.lora is not None:
+            lora = dict(self.lora)
+            unknown = sorted(set(lora) - set(LORA_KEYS))
+            if unknown:
+                raise FieldError(f"lora.{unknown[0]}", lora[unknown[0]], f"unknown option (known: {', '.join(LORA_KEYS)})")
+            for key in ("rank", "alpha"):
+                if not isinstance(lora.get(key), int) or isinstance(lora.get(key), bool) or lora[key] < 1:
+                    raise FieldError(f"lora.{key}", lora.get(key), "expected an integer >= 1")
+            dropout = lora.get("dropout", 0.0)
+            if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+                raise FieldError("lora.dropout", dropout, "expected a number >= 0 and < 1")
+            if not lora.get("target_modules"):
+                raise FieldError("lora.target_modules", lora.get("target_modules"), "expected a list of module names")
+
+
+ATTACK_DATA = ("harmful", "benign", "mixed")
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
 
 
 def checkpoint_id(model_dir: Path) -> str:

@@ -10,6 +10,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import Logger
 
+from selfdestruct.errors import check_choice, check_number
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -23,6 +25,24 @@ class OptimConfig:
     schedule: str = "constant"
     max_grad_norm: float | None = None
     max_length: int = 96
+
+    def __post_init__(self) -> None:
+        check_optim_fields(self)
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def check_optim_fields(cfg) -> None:
+    """The optimiser fields every training stage shares, checked before any work (FieldError names the field)."""
+    check_number(cfg, "lr", low=0.0, low_open=True)
+    check_number(cfg, "epochs", low=1, integer=True)
+    check_number(cfg, "batch_size", low=1, integer=True)
+    check_number(cfg, "weight_decay", low=0.0)
+    check_number(cfg, "warmup_ratio", low=0.0, high=1.0)
+    check_choice(cfg, "schedule", SCHEDULES)
+    check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
+    check_number(cfg, "max_length", low=2, integer=True)
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,11 @@ class TrainerConfig:
     max_steps: int = -1
     checkpoint_every_n_steps: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_number(self, "log_every_n_steps", low=1, integer=True)
+        check_number(self, "max_steps", low=-1, integer=True)
+        check_number(self, "checkpoint_every_n_steps", low=0, integer=True)
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: TrainerConfig, epochs: int,
