@@ -9,6 +9,8 @@ The full demo runs the project's own entry points exactly as a user would:
 2. ``selfdestruct.attack sweep=attack_grid`` — every defense × the 3 × 3 grid of learning rate × number of
    harmful samples (each defended model is built once and shared through the cache);
 3. a benign fine-tune of each defended model;
+
+(the three run ``--jobs`` jobs at once through the joblib launcher, one torch thread each: two by default);
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
 
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,9 +31,17 @@ DEFAULT_DEFENSES = ("sft", "seam_tuned", "ctrap_tuned")
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
 
-def run(args: list[str], check: bool = True) -> int:
+def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
     print("+ python " + " ".join(args), flush=True)
-    return subprocess.run([sys.executable, *args], check=check).returncode
+    return subprocess.run([sys.executable, *args], check=check, env=env).returncode
+
+
+def parallel(jobs: int) -> tuple[list[str], dict | None]:
+    """Hydra overrides and environment for ``jobs`` local jobs at once (joblib), one torch thread each."""
+    if jobs <= 1:
+        return [], None
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return ["hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}"], env
 
 
 def before_after_table(rows: list[tuple[str, dict]]) -> str:
@@ -58,14 +69,15 @@ def basic(out: Path, common: list[str]) -> None:
     print("\n" + before_after_table(rows))
 
 
-def full(out: Path, defenses: list[str], common: list[str]) -> int:
+def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
     choice = f"defense={','.join(defenses)}"
-    failed = run(["-m", "selfdestruct.defend", "--multirun", choice, f"hydra.sweep.dir={out / 'defend'}", *common],
-                 check=False)
+    launcher, env = parallel(jobs)
+    failed = run(["-m", "selfdestruct.defend", "--multirun", choice, f"hydra.sweep.dir={out / 'defend'}", *launcher,
+                  *common], check=False, env=env)
     failed |= run(["-m", "selfdestruct.attack", "sweep=attack_grid", choice, f"hydra.sweep.dir={out / 'grid'}",
-                   *common], check=False)
+                   *launcher, *common], check=False, env=env)
     failed |= run(["-m", "selfdestruct.attack", "--multirun", "model_path=defend", "attack=benign", choice,
-                   f"hydra.sweep.dir={out / 'benign'}", *common], check=False)
+                   f"hydra.sweep.dir={out / 'benign'}", *launcher, *common], check=False, env=env)
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())
@@ -79,6 +91,8 @@ def main() -> int:
     parser.add_argument("--basic", action="store_true", help="SFT and three attack intensities only")
     parser.add_argument("--defenses", default=",".join(DEFAULT_DEFENSES),
                         help="comma-separated defense options (conf/defense/*.yaml) for the full demo")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="full demo: jobs run at once (joblib, one torch thread each; 1 = one after another)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -88,7 +102,7 @@ def main() -> int:
     if args.basic:
         basic(out, common)
     else:
-        status = full(out, args.defenses.split(","), common)
+        status = full(out, args.defenses.split(","), common, args.jobs)
         print(f"dashboard: {out / 'report' / 'dashboard.html'}")
     print(f"quickstart wall time: {time.perf_counter() - start:.0f} s; outputs in {out}")
     return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -14,11 +15,12 @@ from selfdestruct import cli_common as cc
 from selfdestruct.data.real import take
 from selfdestruct.errors import UserError
 from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
-from selfdestruct.pipeline.stages import AttackConfig, run_attack
+from selfdestruct.pipeline.stages import CACHE_VERSION, AttackConfig, checkpoint_id, run_attack
+from selfdestruct.utils.cache import cached_dir
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.loggers import log_summary
-from selfdestruct.utils.provenance import environment
+from selfdestruct.utils.provenance import environment, numerics_fingerprint
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.attack")
@@ -45,6 +47,21 @@ def attack_examples(bundle, spec: AttackConfig, seed: int) -> list:
     return mixed
 
 
+def pre_attack_evaluation(cfg: DictConfig, model_path, run):
+    """The pre-attack evaluation of ``model_path``, computed once per model, evaluation set and numerical
+    environment and shared by every cell that attacks that model (greedy decoding: the same numbers each time)."""
+    key = {"stage": "pre-attack", "version": CACHE_VERSION, "model": checkpoint_id(Path(model_path)),
+           "eval": cc.resolved_config(cfg.eval), "data": cc.data_key(cfg),
+           "environment": numerics_fingerprint(environment())}
+
+    def build(out: Path) -> None:
+        metrics, samples = run()
+        write_json_atomic(out / "pre.json", {"metrics": metrics, "samples": samples})
+
+    entry = json.loads((cached_dir(cc.cache_root(cfg), "eval", key, build) / "pre.json").read_text())
+    return entry["metrics"], entry["samples"]
+
+
 def attack(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "model_path"):
         raise UserError("model_path is required: give model_path=DIR, the model/ directory written by "
@@ -68,7 +85,7 @@ def attack(cfg: DictConfig) -> dict:
     model, tokenizer = load_model_dir(model_path, key="model_path", options=cc.load_options(cfg))
     provenance = read_provenance(model_path)
     evaluate = cc.evaluator(cfg, tokenizer, bundle)
-    pre, pre_samples = evaluate(model, "pre-attack")
+    pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
     attacked = run_attack(model, tokenizer, examples, spec, cc.trainer_config(cfg), loggers, run_dir,
                           int(cfg.seed), cc.prompt_format(cfg))
     post, post_samples = evaluate(attacked, "post-attack")
