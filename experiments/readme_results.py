@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -113,11 +114,26 @@ def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
+def wall_time_text(path: Path) -> str:
+    """``Wall time of README command 1 (...): N s.`` from quickstart.json or a quickstart log."""
+    if path.is_dir():
+        data = json.loads((path / "quickstart.json").read_text())
+        seconds, what = data["wall_time_s"], data["command"]
+    else:
+        found = re.findall(r"quickstart wall time: (\d+) s", path.read_text())
+        if not found:
+            raise SystemExit(f"error: {path}: no 'quickstart wall time' line")
+        seconds, what = float(found[-1]), "python experiments/quickstart.py"
+    return f"Wall time of `{what}` from a fresh cache: {float(seconds):.0f} s."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--basic", nargs="*", type=Path, default=[], help="quickstart --basic output directories")
     parser.add_argument("--grid", nargs="*", type=Path, default=[], help="full-demo or sweep directories")
-    parser.add_argument("--wall-time", nargs="*", default=[], help="measured wall times to quote, e.g. 'full demo=512 s'")
+    parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
+                        help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
+                             "quickstart.py (its 'quickstart wall time: N s' line)")
     parser.add_argument("--out", type=Path, required=True, help="the generated Markdown file")
     parser.add_argument("--readme", type=Path, help="a README whose results block is replaced by the same Markdown")
     args = parser.parse_args(argv)
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not everything:
         parser.error("give --basic and/or --grid directories")
     for item in args.wall_time:
-        lines.append(f"Wall time, {item}.")
+        lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]
     text = "\n".join(lines).strip() + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
