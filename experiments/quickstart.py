@@ -10,8 +10,7 @@ The full demo runs the project's own entry points exactly as a user would:
    harmful samples (each defended model is built once and shared through the cache);
 3. a benign fine-tune of each defended model;
 
-(the three run ``--jobs`` jobs at once through the joblib launcher, one torch thread each: two by default,
-after pre-training and alignment have run alone on every core, in ``OUT/prepare``);
+(the three run ``--jobs`` jobs at once through the joblib launcher, one torch thread each: two by default);
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
 
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
@@ -73,8 +72,6 @@ def basic(out: Path, common: list[str]) -> None:
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
     choice = f"defense={','.join(defenses)}"
     launcher, env = parallel(jobs)
-    if launcher:  # pre-training and alignment first, alone, on every core (the parallel jobs then find them cached)
-        run(["-m", "selfdestruct.defend", "defense=sft", f"hydra.run.dir={out / 'prepare'}", *common])
     failed = run(["-m", "selfdestruct.defend", "--multirun", choice, f"hydra.sweep.dir={out / 'defend'}", *launcher,
                   *common], check=False, env=env)
     failed |= run(["-m", "selfdestruct.attack", "sweep=attack_grid", choice, f"hydra.sweep.dir={out / 'grid'}",
