@@ -77,7 +77,7 @@ def stamp(all_metrics: list[dict]) -> str:
 def basic_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     runs = [{sub: _load(d / sub) for _, sub, _, _ in ROWS} for d in dirs]
     labels = [run_label(r["defend"]) for r in runs]
-    header = ["quickstart --basic", "all runs: median [min–max]", *labels]
+    header = ["SFT, quickstart --basic", "all runs: median [min–max]", *labels]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for label, sub, section, key in ROWS:
         values = [_value(r[sub], section, key) for r in runs]
@@ -95,7 +95,9 @@ def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     from selfdestruct.report.collect import number
 
     report = build_report(roots, collect(roots))
-    lines = ["| defense | no-win (harmful attacks, 3 × 3 grid) | pre-attack utility | benign task accuracy | "
+    seeds = ", ".join(str(seed) for seed in report.seeds())
+    lines = [f"Full demo (every defense over the 3 × 3 attack grid and a benign fine-tune), seed {seeds}:", "",
+             "| defense | no-win (harmful attacks, 3 × 3 grid) | pre-attack utility | benign task accuracy | "
              "utility after benign / pre |", "|---|---|---|---|---|"]
     for defense in report.defenses():
         attacks = [r for r in report.runs if r.status == "ok" and r.defense == defense and r.stage == "attack"]

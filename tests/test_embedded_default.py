@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quickstart_reproduces_the_calibrated_phenomenon(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "SELFDESTRUCT_CACHE": str(tmp_path / "cache")}
     subprocess.run([sys.executable, str(REPO / "experiments" / "quickstart.py"), "--basic", "--out", str(tmp_path / "qs"),
-                    "trainer.progress_bar=false"], check=True, env=env, cwd=tmp_path, timeout=1200)
+                    "trainer.progress_bar=false"], check=True, env=env, cwd=tmp_path, timeout=3000)
 
     def metrics(*parts: str) -> dict:
         return json.loads((tmp_path / "qs" / Path(*parts) / "metrics.json").read_text())
