@@ -410,6 +410,13 @@ def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic
     optim = OptimConfig(lr=lr, batch_size=4, weight_decay=wd)
     module, data, _ = build_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, optim, PromptFormat(), 0)
     module.model.double()
+    # peft starts lora_B at zero, which leaves lora_A's gradient at round-off size (only the look-ahead reaches it)
+    # and AdamW's first step g/(|g| + 1e-8) ill-conditioned there; a small non-zero B makes every entry informative.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     reference = copy.deepcopy(module.model)
     before = [p.detach().clone() for p in module.trainable_parameters()]
     seen = []

@@ -41,6 +41,7 @@ from selfdestruct.objectives.common import (
 
 Batch = dict[str, torch.Tensor]
 LOOKAHEADS = ("sgd", "sign", "adam")
+NORM_EPS = 1e-7  # θ' = θ − a·g_h/(‖g_h‖ + 1e-7), as in the published code
 GRADIENTS = ("first_order", "exact")
 
 
@@ -113,7 +114,7 @@ def lookahead_step(
 ) -> Lookahead:
     """Shape the harmful gradient into the simulated attack's step direction (may overwrite ``grads`` in place).
 
-    - "sgd" (paper): d = g_h. normalize → a·g_h/‖g_h‖, a step of length a (inferred from Booster);
+    - "sgd" (paper): d = g_h. normalize → a·g_h/(‖g_h‖ + 1e-7), a step of length a (the published code);
       raw → a·g_h, the paper's equation.
     - "sign": d = sign(g_h). normalize → a·sign(g_h)/sqrt(nnz), the same length a as the normalised gradient
       step (nnz = number of non-zero entries, = numel when no entry is exactly 0); raw → a·sign(g_h), i.e. every
@@ -144,7 +145,8 @@ def lookahead_step(
             f"CTRAP: cannot normalise the simulated {kind} step (its length is {length:.4g}); "
             "is the harmful batch empty or the harmful gradient not finite?"
         )
-    return Lookahead(grads, 1.0 / length)
+    # the published code divides the gradient step by ‖g_h‖ + 1e-7; the other shapes are this project's own
+    return Lookahead(grads, 1.0 / (length + NORM_EPS) if kind == "sgd" else 1.0 / length)
 
 
 # --------------------------------------------------------------------------------------------------------------
