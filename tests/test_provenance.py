@@ -71,3 +71,10 @@ def test_lock_pins_every_package_and_the_install_paths_use_it():
     assert {"torch", "pytorch-lightning", "transformers", "tokenizers", "peft", "hydra-core", "wandb"} <= names
     for path in ("README.md", "environment.yml", ".ci/run"):
         assert "requirements/lock.txt" in (REPO / path).read_text(), f"{path} installs from the lock"
+
+
+def test_thread_count_variables_do_not_split_environments_that_run_the_same_threads():
+    env = environment()
+    with_vars = {**env, "env": {**env["env"], "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}}
+    assert numerics_fingerprint(with_vars) == numerics_fingerprint({**env, "env": {}})
+    assert numerics_fingerprint({**env, "env": {"MKL_CBWR": "COMPATIBLE"}}) != numerics_fingerprint({**env, "env": {}})

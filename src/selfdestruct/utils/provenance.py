@@ -21,6 +21,7 @@ PACKAGES = ("selfdestruct", "torch", "pytorch-lightning", "torchmetrics", "trans
 # Environment variables that select kernels or threads (recorded when set).
 NUMERIC_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_CORETYPE",
                "CUBLAS_WORKSPACE_CONFIG", "SELFDESTRUCT_REPRODUCIBLE")
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OPENBLAS_CORETYPE", "CUBLAS_WORKSPACE_CONFIG")
 
 
 def _version(name: str) -> str | None:
@@ -68,8 +69,11 @@ def numerics_fingerprint(env: dict | None) -> str:
     """A short hash of what decides the floating-point path (not the host name or the date)."""
     if not env:
         return "unknown"
-    keys = ("python", "packages", "torch_threads", "cpu", "cpu_capability", "gpus", "cuda", "env")
-    blob = json.dumps({k: env.get(k) for k in keys}, sort_keys=True)
+    keys = ("python", "packages", "torch_threads", "cpu", "cpu_capability", "gpus", "cuda")
+    described = {k: env.get(k) for k in keys}
+    # thread-count variables are already in torch_threads (joblib workers set them, plain runs may not)
+    described["env"] = {k: v for k, v in (env.get("env") or {}).items() if k in KERNEL_ENV}
+    blob = json.dumps(described, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
