@@ -38,8 +38,6 @@ def attack_examples(bundle, spec: AttackConfig, seed: int) -> list:
         return take(bundle.attack_pool, spec.num_samples, "attack.num_samples")
     if spec.data == "benign":
         return take(bundle.finetune_pool, spec.num_samples, "attack.num_samples")
-    if not 0.0 <= spec.poison_ratio <= 1.0:
-        raise UserError(f"attack.poison_ratio={spec.poison_ratio}: must be between 0 and 1")
     num_harmful = round(spec.poison_ratio * spec.num_samples)
     mixed = (take(bundle.attack_pool, num_harmful, "attack.num_samples*attack.poison_ratio")
              + take(bundle.finetune_pool, spec.num_samples - num_harmful, "attack.num_samples*(1-attack.poison_ratio)"))
@@ -75,9 +73,8 @@ def attack(cfg: DictConfig) -> dict:
     cc.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     cc.trainer_config(cfg)
-    if cfg.model_path == "defend":  # the defense this cell would build, checked before any work too
-        cc.defense_spec(cfg)
-        cc.optim_config(cfg, "pretrain"), cc.optim_config(cfg, "align")
+    if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
+        cc.check_stages(cfg)
     bundle = cc.data_bundle(cfg)
     examples = attack_examples(bundle, spec, int(cfg.seed))
     loggers = cc.job_loggers(cfg, run_dir)

@@ -160,6 +160,12 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name))
 
 
+def check_stages(cfg: DictConfig) -> DefenseSpec:
+    """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
+    trainer_config(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    return defense_spec(cfg)
+
+
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path) -> Path:
     """Base → alignment → defense, each stage built once per configuration and shared through the cache."""
     trainer_cfg = trainer_config(cfg)

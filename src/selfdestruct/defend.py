@@ -36,8 +36,7 @@ def defend(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
         return done
     cc.check_launch(cfg)
-    cc.defense_spec(cfg)  # validate every config group before any work
-    cc.trainer_config(cfg), cc.optim_config(cfg, "pretrain"), cc.optim_config(cfg, "align")
+    cc.check_stages(cfg)  # every config group checked before any work
     bundle = cc.data_bundle(cfg)
     loggers = cc.job_loggers(cfg, run_dir)
     defended = cc.defended_dir(cfg, bundle, loggers, run_dir)
