@@ -109,11 +109,7 @@ def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
         cells = [no_win_text(report, defense, "harmful") or "—", spread_text(sorted(set(pre))) if pre else "—",
                  spread_text(task) if task else "—", spread_text(keep) if keep else "—"]
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
-    metrics = []
-    for run in report.runs:
-        if run.status == "ok":
-            metrics.append(json.loads((run.path / "metrics.json").read_text()))
-    return lines, metrics
+    return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
 def wall_time_text(path: Path) -> str:

@@ -16,6 +16,11 @@ def wrap_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float, tar
     return get_peft_model(model, config)
 
 
+def merged(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain HF model: LoRA adapters (peft) merged into the weights they adapt, anything else as is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 class AttackModule(CausalLMModule):
     """Descends the attack data's cross-entropy; with LoRA, only the adapters move and are merged on export."""
 
@@ -25,7 +30,6 @@ class AttackModule(CausalLMModule):
             model = wrap_lora(model, **lora)
         super().__init__(model, lr, log_prefix="attack", **kwargs)
         self.kind = kind
-        self.uses_lora = bool(lora)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch["train"])
@@ -35,6 +39,4 @@ class AttackModule(CausalLMModule):
 
     def export_model(self) -> torch.nn.Module:
         """The attacked model as a plain HF model (LoRA adapters merged into the weights)."""
-        if self.uses_lora:
-            return self.model.merge_and_unload()
-        return self.model
+        return merged(self.model)

@@ -12,10 +12,13 @@ import pytorch_lightning as pl
 import torch
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     """Multiplier of the base learning rate at each step: linear warm-up, then constant or cosine decay."""
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule={schedule!r}: expected 'constant' or 'cosine'")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:

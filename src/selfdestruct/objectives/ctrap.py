@@ -43,6 +43,7 @@ Batch = dict[str, torch.Tensor]
 LOOKAHEADS = ("sgd", "sign", "adam")
 NORM_EPS = 1e-7  # θ' = θ − a·g_h/(‖g_h‖ + 1e-7), as in the published code
 GRADIENTS = ("first_order", "exact")
+COLLAPSE_RULES = ("published", "first")
 
 
 def collapse_token_id(tokenizer, word: str = "error", rule: str = "published") -> int:
@@ -54,8 +55,8 @@ def collapse_token_id(tokenizer, word: str = "error", rule: str = "published") -
     - "first": the first token of " " + word, the token a generation starts the word with (" er" when a
       byte-level BPE splits " error" into " er" + "ror").
     """
-    if rule not in ("published", "first"):
-        raise ValueError(f"collapse token rule {rule!r}: expected 'published' or 'first'")
+    if rule not in COLLAPSE_RULES:
+        raise ValueError(f"collapse token rule {rule!r}: expected one of {COLLAPSE_RULES}")
     text = f"an {word}" if rule == "published" else f" {word}"
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:

@@ -39,8 +39,8 @@ from selfdestruct.errors import FieldError, UserError, check_choice, check_numbe
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.seam import DefenseModule, SEAMModule
 from selfdestruct.objectives.common import eager_attention
-from selfdestruct.modules.attack import wrap_lora
-from selfdestruct.objectives.ctrap import GRADIENTS, LOOKAHEADS, collapse_token_id
+from selfdestruct.modules.attack import merged, wrap_lora
+from selfdestruct.objectives.ctrap import COLLAPSE_RULES, GRADIENTS, LOOKAHEADS, collapse_token_id
 from selfdestruct.objectives.seam import ESTIMATORS
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, fit
 
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 DEFENSES = ("sft", "seam", "ctrap")
 CTRAP_DATA = ("retain", "align_general")
 ADAPTERS = ("lora", "full")
-COLLAPSE_RULES = ("published", "first")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -408,8 +407,3 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
     return merged(module.model)
-
-
-def merged(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain HF model: LoRA adapters (peft) merged into the weights they adapt, anything else as is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

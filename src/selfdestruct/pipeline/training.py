@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import Logger
 
 from selfdestruct.errors import check_choice, check_number
+from selfdestruct.modules.base import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,6 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_optim_fields(self)
-
-
-SCHEDULES = ("constant", "cosine")
 
 
 def check_optim_fields(cfg) -> None:
