@@ -71,3 +71,46 @@ def test_datamodule_streams_have_the_given_sizes_and_cycle(tokenizer):
     assert len(batches) == 3  # ceil(10 / 4): the larger stream sets the epoch
     assert sum(b[0]["big"]["input_ids"].shape[0] for b in batches) == 10
     assert all(isinstance(b[0]["small"]["labels"], torch.Tensor) for b in batches)
+
+
+def test_length_grouped_batches_cover_every_example_once_with_less_padding():
+    import random
+
+    from selfdestruct.data.datamodule import LengthGroupedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(9, 53) for _ in range(3200)]  # the synthetic world's range of example lengths
+    batch = 32
+
+    def padded_tokens(order):
+        return sum(max(lengths[i] for i in order[s:s + batch]) * len(order[s:s + batch])
+                   for s in range(0, len(order), batch))
+
+    sampler = LengthGroupedSampler(lengths, batch, torch.Generator().manual_seed(1))
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(len(lengths))) and sorted(second) == sorted(first)  # a permutation per epoch
+    assert first != second  # each epoch draws a new order
+    again = list(LengthGroupedSampler(lengths, batch, torch.Generator().manual_seed(1)))
+    assert again == first  # deterministic given the generator
+    random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    # padding: a random batch is padded to near the longest length (~50 of mean 31); grouped ones to their own
+    assert padded_tokens(first) < 0.75 * padded_tokens(random_order)
+    assert padded_tokens(first) < 1.1 * sum(lengths)
+    # batches are still random draws: the first batch is not simply the shortest or the longest examples
+    first_batch = sorted(first[:batch])
+    assert first_batch != sorted(range(len(lengths)), key=lengths.__getitem__)[:batch]
+
+
+def test_group_by_length_reaches_the_loader_of_every_stream(tokenizer):
+    from selfdestruct.data.datamodule import LengthGroupedSampler
+
+    fmt = PromptFormat()
+    words = ["a", "b c d e f g h", "i j", "k l m n o p q r s t u v"]
+    data = EncodedDataset([Example(prompt=f"Reverse the list: {words[i % 4]}", response="x") for i in range(40)],
+                          tokenizer, 64, fmt)
+    on = StreamsDataModule({"train": data}, batch_size=8, pad_id=tokenizer.pad_token_id, seed=0, group_by_length=True)
+    off = StreamsDataModule({"train": data}, batch_size=8, pad_id=tokenizer.pad_token_id, seed=0)
+    assert isinstance(on._loader(0, data).sampler, LengthGroupedSampler)
+    assert not isinstance(off._loader(0, data).sampler, LengthGroupedSampler)
+    width = lambda dm: sum(b[0]["train"]["input_ids"].numel() for b in dm.train_dataloader())  # noqa: E731
+    assert width(on) < width(off)
