@@ -43,6 +43,8 @@ class LengthGroupedSampler(Sampler[int]):
     sorted by length and cut into batches; the batches are shuffled. Batches stay random draws of the data
     (as with ``shuffle=True``) while padding shrinks: the synthetic world's examples are 9-53 tokens long,
     so a random batch of 32 is padded to about twice its mean length. Deterministic given the generator.
+    Off by default: a batch of similar lengths is there mostly a batch of one task family, and pre-training and
+    alignment trained that way lost half their utility (conf/pretrain/default.yaml).
     """
 
     MEGABATCH = 50  # batches per sorted mega-batch (the choice of Hugging Face's group_by_length)
