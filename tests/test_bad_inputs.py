@@ -35,7 +35,6 @@ BAD_ATTACK = [
     (["attack.schedule=linearish"], "attack.schedule='linearish': expected one of constant, cosine"),
     (["attack.max_grad_norm=0"], "attack.max_grad_norm=0"),
     (["attack.max_length=1"], "attack.max_length=1"),
-    (["attack.group_by_length=yes"], "attack.group_by_length='yes'"),
     (["attack.data=poison"], "attack.data='poison': expected one of harmful, benign, mixed"),
     (["attack=mixed", "attack.poison_ratio=1.5"], "attack.poison_ratio=1.5"),
     (["attack=mixed", "attack.poison_ratio=-0.1"], "attack.poison_ratio=-0.1"),
@@ -68,8 +67,6 @@ BAD_DEFEND = [
     (["defense=ctrap", "defense.params.lam=abc"], "defense.params.lam='abc'"),
     (["align.warmup_ratio=2"], "align.warmup_ratio=2"),
     (["pretrain.schedule=step"], "pretrain.schedule='step'"),
-    (["pretrain.group_by_length=sometimes"], "pretrain.group_by_length='sometimes'"),
-    (["defense=seam", "defense.optim.group_by_length=1"], "defense.optim.group_by_length=1"),
 ]
 
 

@@ -54,10 +54,3 @@ def check_choice(obj: Any, field: str, choices: Iterable[str]) -> None:
     value = getattr(obj, field)
     if value not in choices:
         raise FieldError(field, value, f"expected one of {', '.join(choices)}")
-
-
-def check_flag(obj: Any, field: str) -> None:
-    """``obj.field`` is a boolean (YAML ``true``/``false``), not a string or a number that merely looks like one."""
-    value = getattr(obj, field)
-    if not isinstance(value, bool):
-        raise FieldError(field, value, "expected true or false")

@@ -28,7 +28,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
-from torch.utils.data import Dataset
+from pytorch_lightning.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
 
 from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
@@ -254,6 +255,16 @@ class DefenseDataModule(StreamsDataModule):
             return lambda feats: collate_retain(feats, self.pad_id)
         return lambda feats: collate(feats, self.pad_id)
 
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {}
+        for index, (name, dataset) in enumerate(self.streams.items()):
+            generator = torch.Generator().manual_seed(self.seed + index)
+            # a retain item holds two rows (a refusal and a helpful answer): half as many items make a batch
+            batch_size = max(1, self.batch_size // getattr(dataset, "rows_per_item", 1))
+            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
+                                       generator=generator, collate_fn=self._collate_for(dataset), num_workers=0)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
             return batch
@@ -388,7 +399,7 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
     module, data, exact = build_defense(model, tokenizer, bundle, name, params or {}, optim, fmt, seed)
     check_sizes(data, loggers)
     datamodule = DefenseDataModule(data.streams, batch_size=optim.batch_size, pad_id=tokenizer.pad_token_id,
-                                   seed=seed, group_by_length=optim.group_by_length)
+                                   seed=seed)
     stage_cfg = dataclasses.replace(trainer_cfg, log_every_n_steps=1)
     with eager_attention(module.model) if exact else nullcontext():
         trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir)

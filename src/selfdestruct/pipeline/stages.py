@@ -45,7 +45,6 @@ class AttackConfig:
     schedule: str = "constant"
     max_grad_norm: float | None = None
     max_length: int = 96
-    group_by_length: bool = False
     lora: dict | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +89,7 @@ def _single_stream(examples, tokenizer, optim: OptimConfig | AttackConfig, fmt: 
                    use_refusal: bool = False) -> StreamsDataModule:
     dataset = EncodedDataset(examples, tokenizer, optim.max_length, fmt, use_refusal=use_refusal)
     return StreamsDataModule({"train": dataset}, batch_size=optim.batch_size, pad_id=tokenizer.pad_token_id,
-                             seed=seed, group_by_length=optim.group_by_length)
+                             seed=seed)
 
 
 def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:

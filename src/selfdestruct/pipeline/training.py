@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import Logger
 
-from selfdestruct.errors import check_choice, check_flag, check_number
+from selfdestruct.errors import check_choice, check_number
 from selfdestruct.modules.base import SCHEDULES
 
 
@@ -26,7 +26,6 @@ class OptimConfig:
     schedule: str = "constant"
     max_grad_norm: float | None = None
     max_length: int = 96
-    group_by_length: bool = False  # batches of similar-length examples (less padding); see LengthGroupedSampler
 
     def __post_init__(self) -> None:
         check_optim_fields(self)
@@ -42,7 +41,6 @@ def check_optim_fields(cfg) -> None:
     check_choice(cfg, "schedule", SCHEDULES)
     check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
     check_number(cfg, "max_length", low=2, integer=True)
-    check_flag(cfg, "group_by_length")
 
 
 @dataclass(frozen=True)
