@@ -57,12 +57,14 @@ def _runs(report: Report, seed: int | None, defense: str) -> list[Run]:
             and r.defense == defense]
 
 
-def rows(report: Report) -> list[Row]:
-    """One row per seed and defense that has attack runs."""
+def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
+    """One row per seed and defense that has attack runs (only runs under ``runs_of`` when given)."""
     out = []
     for seed in report.seeds():
         for defense in report.defenses():
             runs = _runs(report, seed, defense)
+            if runs_of is not None:
+                runs = [r for r in runs if any(r.path.resolve().is_relative_to(p.resolve()) for p in runs_of)]
             if not runs:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
@@ -101,13 +103,22 @@ def markdown(table: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="sweep or run directories")
+    parser.add_argument("--sft", nargs="*", type=Path, default=[],
+                        help="directories whose SFT runs are the reference (their other defenses are left out)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.roots if not p.is_dir()]
+    missing = [str(p) for p in [*args.roots, *args.sft] if not p.is_dir()]
     if missing:
         print("error: no such directory: " + ", ".join(missing), file=sys.stderr)
         return 2
-    text = markdown(rows(build_report(args.roots, collect(args.roots))))
+    roots = [*args.roots, *args.sft]
+    table = rows(build_report(roots, collect(roots)), args.roots)
+    if args.sft:
+        reference = rows(build_report(args.sft, collect(args.sft)))
+        table = [r for r in reference if r.defense == BASELINE_DEFENSE] + \
+            [r for r in table if r.defense != BASELINE_DEFENSE]
+        table.sort(key=lambda r: (r.seed is None, r.seed or 0))
+    text = markdown(table)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
