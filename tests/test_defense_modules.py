@@ -15,7 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from _objectives_fixtures import micro_llama, seam_batches
+from _objectives_fixtures import micro_llama, rel_error, seam_batches
 from helpers import compose_config
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -94,19 +94,25 @@ def test_seam_steps_change_the_weights_and_log_every_stat_every_step(tmp_path):
         assert values == pytest.approx([h[key] for h in module.history], rel=1e-6)
 
 
-def _manual_ul_plus_up(model, harmful, refusal, alpha: float) -> torch.Tensor:
-    """L_ul + α·L_up written out from the HF outputs (SPEC §3 arithmetic: L+2 CE terms over L+1)."""
-    out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
-    labels = harmful["labels"][:, 1:]
+def _shifted_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits at t against the label at t + 1 (label -100 ignored)."""
+    logits = logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
-    def ce(logits):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
-    s = ce(out.logits) + sum(ce(model.lm_head(model.model.norm(h))) for h in out.hidden_states)
+def _logits(model, batch: dict, **kwargs):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+
+def _manual_ul_plus_up(model, harmful, refusal, alpha: float, ce_harmful=None, ce_refusal=None) -> torch.Tensor:
+    """L_ul + α·L_up written out from the HF outputs (SPEC §3 arithmetic: L+2 CE terms over L+1); ``ce_*`` map
+    logits to a loss (default: cross-entropy on the batch's response-token labels)."""
+    ce_harmful = ce_harmful or (lambda logits: _shifted_ce(logits, harmful["labels"]))
+    ce_refusal = ce_refusal or (lambda logits: _shifted_ce(logits, refusal["labels"]))
+    out = _logits(model, harmful, output_hidden_states=True)
+    s = ce_harmful(out.logits) + sum(ce_harmful(model.lm_head(model.model.norm(h))) for h in out.hidden_states)
     l_ul = -torch.log(s / len(out.hidden_states) + 1.0)
-    ref = model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits[:, :-1]
-    l_up = F.cross_entropy(ref.reshape(-1, ref.shape[-1]), refusal["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    return l_ul + alpha * l_up
+    return l_ul + alpha * ce_refusal(_logits(model, refusal).logits)
 
 
 def test_seam_with_beta_zero_is_a_plain_step_on_ul_plus_alpha_up(tmp_path):
@@ -159,8 +165,7 @@ def test_seam_stops_fit_on_a_nan_and_leaves_no_model(tmp_path):
 def _lookahead_collapse(model, harmful, general, token_id: int, a: float) -> float:
     """ℓ_col at θ − a·g_h/‖g_h‖, computed on a copy with plain autograd (independent of ctrap_step)."""
     moved = copy.deepcopy(model)
-    out = moved(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"]).logits[:, :-1]
-    ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), harmful["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    ce = _shifted_ce(_logits(moved, harmful).logits, harmful["labels"])
     grads = torch.autograd.grad(ce, list(moved.parameters()))
     length = math.sqrt(sum(float(g.square().sum()) for g in grads))
     with torch.no_grad():
@@ -370,7 +375,33 @@ def test_defense_configs_compose_with_paper_defaults_and_every_key_is_consumed(n
                and not line.startswith("name:"))
 
 
-# ---- fidelity: one published CTRAP step through the module, against the published arithmetic ---------------------
+# ---- fidelity: one step through each module (float64, real data pipeline) against the published arithmetic ----
+
+
+@pytest.fixture
+def float64_rms_norm(monkeypatch):
+    """Llama's RMSNorm in the dtype of its input. transformers computes it in float32 whatever the model dtype, so
+    a float64 micro model still rounds to float32 in every norm; a finite difference over ε = 1e-3 turns that
+    round-off into a 1e-5 relative disagreement between two equal formulas (measured), hiding a real one."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+def _gradient_at(params: list, direction: list, eps: float, loss_fn) -> list:
+    """∇loss at θ + ε·direction; θ is put back afterwards."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+    grads = torch.autograd.grad(loss_fn(), params)
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return grads
 
 
 def _published_ctrap_gradient(model, retain: dict, harmful: dict, token: int, lam: float, a: float) -> list:
@@ -379,20 +410,12 @@ def _published_ctrap_gradient(model, retain: dict, harmful: dict, token: int, la
     params = [p for p in model.parameters() if p.requires_grad]
 
     def ce(batch, labels):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return _shifted_ce(_logits(model, batch).logits, labels)
 
     g_h = torch.autograd.grad(ce(harmful, harmful["labels"]), params)
     length = torch.sqrt(sum((g * g).sum() for g in g_h)) + 1e-7
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, g in zip(params, g_h):
-            p.sub_(a * g / length)
     relabelled = torch.where(retain["labels"] != -100, torch.full_like(retain["labels"], token), retain["labels"])
-    g_col = torch.autograd.grad(ce(retain, relabelled), params)
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
+    g_col = _gradient_at(params, [-g / length for g in g_h], a, lambda: ce(retain, relabelled))
     g_retain = torch.autograd.grad(ce(retain, retain["labels"]), params)
     return [r + lam * c for r, c in zip(g_retain, g_col)]
 
@@ -404,20 +427,9 @@ class _GradientProbe(pl.Callback):
         self.grads = [p.grad.detach().clone() for p in pl_module.trainable_parameters()]
 
 
-def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic(tokenizer, tmp_path):
-    lr, wd, lam, a = 1e-3, 0.1, 0.1, 0.1
-    model = _tiny_model(tokenizer)
-    optim = OptimConfig(lr=lr, batch_size=4, weight_decay=wd)
-    module, data, _ = build_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, optim, PromptFormat(), 0)
-    module.model.double()
-    # peft starts lora_B at zero, which leaves lora_A's gradient at round-off size (only the look-ahead reaches it)
-    # and AdamW's first step g/(|g| + 1e-8) ill-conditioned there; a small non-zero B makes every entry informative.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    reference = copy.deepcopy(module.model)
+def _one_pipeline_step(module, data, tmp_path: Path) -> tuple[dict, list, list]:
+    """One optimiser step of a defense module on the first batch of the real data pipeline (DefenseDataModule over
+    the streams ``build_defense`` made, batch 4): that batch, the gradient AdamW applied, the weights before."""
     before = [p.detach().clone() for p in module.trainable_parameters()]
     seen = []
     step = module.training_step
@@ -428,17 +440,128 @@ def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic
                          enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                          callbacks=[probe])
     trainer.fit(module, datamodule=dm)
+    assert len(seen) == 1
+    return seen[0], probe.grads, before
 
-    batch = seen[0]
-    assert batch["retain"]["input_ids"].shape[0] == 4  # 2 refusals + 2 helpful answers
-    want = _published_ctrap_gradient(reference, batch["retain"], batch["harmful"], module.token_id, lam, a)
-    assert len(want) == len(probe.grads) > 0 and all("lora" in n for n, p in module.model.named_parameters()
-                                                     if p.requires_grad)
-    num = math.sqrt(sum(float(((g - w) ** 2).sum()) for g, w in zip(probe.grads, want)))
-    den = math.sqrt(sum(float((w**2).sum()) for w in want))
-    assert num / den <= 1e-6, num / den
-    # the parameter update is AdamW's first step on that gradient (m̂ = g, v̂ = g²) with decoupled weight decay
+
+def _first_step_errors(module, before: list, grads: list, want: list, lr: float, wd: float) -> tuple[float, float]:
+    """Relative errors of the applied gradient against ``want`` and of the parameter update against AdamW's first
+    step on ``want`` (m̂ = g, v̂ = g², decoupled weight decay: Δ = −lr·wd·θ − lr·g/(|g| + 1e-8))."""
+    assert len(want) == len(grads) > 0
     got = [p1.detach() - p0 for p0, p1 in zip(before, module.trainable_parameters())]
     expected = [-lr * wd * p0 - lr * g / (g.abs() + 1e-8) for p0, g in zip(before, want)]
-    num = math.sqrt(sum(float(((u - v) ** 2).sum()) for u, v in zip(got, expected)))
-    assert num / math.sqrt(sum(float((v**2).sum()) for v in expected)) <= 1e-6
+    return rel_error(grads, want), rel_error(got, expected)
+
+
+def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic(tokenizer, tmp_path,
+                                                                                  float64_rms_norm, record_property):
+    lr, wd, lam, a = 1e-3, 0.1, 0.1, 0.1
+    model = _tiny_model(tokenizer)
+    optim = OptimConfig(lr=lr, batch_size=4, weight_decay=wd)
+    torch.manual_seed(0)  # peft draws lora_A from the global generator
+    module, data, _ = build_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, optim, PromptFormat(), 0)
+    module.model.double()
+    # peft starts lora_B at zero, which leaves lora_A's gradient at round-off size (only the look-ahead reaches it)
+    # and AdamW's first step g/(|g| + 1e-8) ill-conditioned there; a small non-zero B makes every entry informative.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    reference = copy.deepcopy(module.model)
+    batch, grads, before = _one_pipeline_step(module, data, tmp_path)
+
+    assert batch["retain"]["input_ids"].shape[0] == 4  # 2 refusals + 2 helpful answers
+    want = _published_ctrap_gradient(reference, batch["retain"], batch["harmful"], module.token_id, lam, a)
+    assert all("lora" in n for n, p in module.model.named_parameters() if p.requires_grad)
+    grad_error, update_error = _first_step_errors(module, before, grads, want, lr, wd)
+    record_property("rel_error_gradient", grad_error)
+    record_property("rel_error_update", update_error)
+    assert grad_error <= 1e-6 and update_error <= 1e-6, (grad_error, update_error)
+
+
+# SEAM (SPEC §3; official trainer of ZJUWYH/seam, read for the facts)
+
+
+def _published_masked_ce(logits: torch.Tensor, ids: torch.Tensor, differ: torch.Tensor) -> torch.Tensor:
+    """The published SEAM masked cross-entropy: the labels are a copy of the input ids, the logits at t are
+    multiplied by differ[t] and the label at t + 1 by differ[t + 1], and label id 0 is ignored."""
+    labels = ids * differ.long()
+    labels = labels.masked_fill(labels == 0, -100)
+    return _shifted_ce(logits * differ.unsqueeze(-1).to(logits.dtype), labels)
+
+
+def _published_seam_gradient(model, harmful: dict, refusal: dict, benign: dict, alpha: float, beta: float, eps: float,
+                             official: bool) -> tuple[list, list]:
+    """SPEC §3 written out independently: ∇(L_ul + α·L_up) + (β/ε)·[(g_a(θ_a) − g_a)/‖g_a‖ + (g_b(θ_b) − g_b)/‖g_b‖],
+    θ_a = θ + ε(ĝ_b − c·ĝ_a), θ_b = θ + ε(ĝ_a − c·ĝ_b), c = ⟨g_a, g_b⟩/(‖g_a‖‖g_b‖ + 1e-8) as published (the
+    project leaves the 1e-8 out: a relative difference of 1e-8/(‖g_a‖‖g_b‖), about 1e-10 in the test below).
+
+    official: L_ul, L_up and g_a use the published masked CE over the positions where the paired harmful and
+    refusal ids differ; g_b is the plain CE of every non-padding token. Otherwise every term is the CE of the
+    response-token labels. Returns the whole gradient and its L_sd part."""
+    params = list(model.parameters())
+    if official:
+        differ = harmful["input_ids"] != refusal["input_ids"]
+
+        def ce_harmful(logits):
+            return _published_masked_ce(logits, harmful["input_ids"], differ)
+
+        def ce_refusal(logits):
+            return _published_masked_ce(logits, refusal["input_ids"], differ)
+
+        benign_labels = benign["input_ids"].masked_fill(benign["attention_mask"] == 0, -100)
+    else:
+        def ce_harmful(logits):
+            return _shifted_ce(logits, harmful["labels"])
+
+        def ce_refusal(logits):
+            return _shifted_ce(logits, refusal["labels"])
+
+        benign_labels = benign["labels"]
+
+    def loss_a():
+        return ce_harmful(_logits(model, harmful).logits)
+
+    def loss_b():
+        return _shifted_ce(_logits(model, benign).logits, benign_labels)
+
+    g_main = torch.autograd.grad(_manual_ul_plus_up(model, harmful, refusal, alpha, ce_harmful, ce_refusal), params)
+    g_a = torch.autograd.grad(loss_a(), params)
+    g_b = torch.autograd.grad(loss_b(), params)
+    n_a = torch.sqrt(sum((g * g).sum() for g in g_a))
+    n_b = torch.sqrt(sum((g * g).sum() for g in g_b))
+    c = sum((x * y).sum() for x, y in zip(g_a, g_b)) / (n_a * n_b + 1e-8)
+    g_a_moved = _gradient_at(params, [y / n_b - c * x / n_a for x, y in zip(g_a, g_b)], eps, loss_a)
+    g_b_moved = _gradient_at(params, [x / n_a - c * y / n_b for x, y in zip(g_a, g_b)], eps, loss_b)
+    sd = [beta / eps * ((am - a) / n_a + (bm - b) / n_b) for am, a, bm, b in zip(g_a_moved, g_a, g_b_moved, g_b)]
+    return [m + s for m, s in zip(g_main, sd)], sd
+
+
+@pytest.mark.parametrize("official", [True, False], ids=["official_masking", "response_labels"])
+def test_seam_step_through_the_module_equals_the_published_arithmetic(official, tokenizer, tmp_path, float64_rms_norm,
+                                                                      record_property):
+    lr, wd, alpha, beta, eps = 1e-3, 0.01, 1.0, 1.0, 1e-3  # β = 1 so the L_sd term weighs in the comparison
+    model = _tiny_model(tokenizer)
+    optim = OptimConfig(lr=lr, batch_size=4, weight_decay=wd)
+    params = {"num_samples": 8, "alpha": alpha, "beta": beta, "eps": eps, "official_masking": official}
+    module, data, _ = build_defense(model, tokenizer, _bundle(), "seam", params, optim, PromptFormat(), 0)
+    module.model.double()
+    reference = copy.deepcopy(module.model)
+    batch, grads, before = _one_pipeline_step(module, data, tmp_path)
+
+    harmful, refusal, benign = batch["harmful"], batch["refusal"], batch["benign"]
+    assert harmful["input_ids"].shape[0] == refusal["input_ids"].shape[0] == benign["input_ids"].shape[0] == 4
+    want, sd = _published_seam_gradient(reference, harmful, refusal, benign, alpha, beta, eps, official)
+    grad_error, update_error = _first_step_errors(module, before, grads, want, lr, wd)
+    record_property("rel_error_gradient", grad_error)
+    record_property("rel_error_update", update_error)
+    assert grad_error <= 1e-6 and update_error <= 1e-6, (grad_error, update_error)
+    # the comparison can fail on L_sd: its estimate is a sizeable part of the gradient, and the masking decides it
+    share = math.sqrt(sum(float((s**2).sum()) for s in sd) / sum(float((w**2).sum()) for w in want))
+    record_property("sd_share", share)
+    assert share > 0.05, share
+    if official:
+        plain, _ = _published_seam_gradient(copy.deepcopy(reference), harmful, refusal, benign, alpha, beta, eps,
+                                            False)
+        assert rel_error(plain, want) > 1e-2

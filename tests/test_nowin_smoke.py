@@ -133,3 +133,117 @@ def test_nowin_experiment_composes_as_the_attack_grid_over_defenses_and_seeds(tm
     narrowed = compose_config("attack", ["experiment=nowin", "hydra.sweeper.params.defense='sft,seam_tuned'",
                                          "hydra.sweeper.params.seed='0'"], tmp_path)
     assert narrowed.hydra.sweeper.params.defense == "sft,seam_tuned" and str(narrowed.hydra.sweeper.params.seed) == "0"
+
+
+# ---- issue 10 item 4: published CTRAP against full-parameter CTRAP (experiments/nowin/ctrap_recipe.py) ----------
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("ctrap_recipe", REPO / "experiments" / "nowin" / "ctrap_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ctrap_recipe_options_count_their_own_collapse_token():
+    recipe = _recipe()
+    assert [recipe.collapse_rule(o) for o in ("sft", "ctrap", "ctrap_full", "ctrap_tuned")] == [
+        "published", "published", "first", "first"]
+    assert [recipe.label(o, None) for o in recipe.DEFENSES] == ["sft", "ctrap", "ctrap-full"]
+    assert [recipe.label(o, 2) for o in recipe.DEFENSES] == ["sft", "ctrap-2ep", "ctrap-full-2ep"]
+
+
+@pytest.mark.parametrize("option", ["sft", "ctrap", "ctrap_full"])
+def test_ctrap_recipe_commands_compose_as_each_stage_runs_them(option, tmp_path):
+    recipe = _recipe()
+    cmds = recipe.commands(tmp_path / "out", option, [0], ["model=micro"], epochs=2,
+                           attack_overrides=["attack.num_samples=16"])
+    assert list(cmds) == ["defend", "grid", "preset", "benign"]
+    for stage, cmd in cmds.items():
+        entry = cmd[1].split(".")[1]
+        assert cmd[:2] == ["-m", f"selfdestruct.{entry}"] and entry == ("defend" if stage == "defend" else "attack")
+        cfg = compose_config(entry, [a for a in cmd[2:] if a != "--multirun"], tmp_path / stage)
+        assert cfg.defense.name == option.split("_")[0] and cfg.model.name == "micro"
+        assert cfg.eval.collapse_token == ("first" if option == "ctrap_full" else "published")
+        if option == "sft":
+            assert cfg.defense.get("label") is None
+        else:
+            assert cfg.defense.label == recipe.label(option, 2) and cfg.defense.optim.epochs == 2
+        assert cfg.hydra.sweep.dir == str(tmp_path / "out" / stage / recipe.label(option, 2))
+        if stage == "defend":
+            assert cfg.hydra.sweep.subdir == "seed0"
+            continue
+        assert cfg.attack.num_samples == 16  # the attack-only override reaches every attack stage
+        if stage in ("grid", "preset"):
+            assert cfg.hydra.sweep.subdir == f"seed0-lr{cfg.attack.lr}-n16"
+        if stage == "grid":  # the attack_grid of experiment=nowin: full-parameter attack, 2 epochs
+            assert (cfg.attack.name, cfg.attack.epochs, cfg.hydra.sweeper.params["attack.lr"]) == (
+                "harmful", 2, "2e-4,3e-4,5e-4")
+        elif stage == "preset":  # CTRAP's attack scaled: a second LoRA r 32 / alpha 4 on q/k/v, 20 epochs, batch 10
+            assert (cfg.attack.name, cfg.attack.lr, cfg.attack.epochs, cfg.attack.batch_size, cfg.attack.lora.rank,
+                    cfg.attack.lora.alpha) == ("lora", 1e-3, 20, 10, 32, 4)
+            assert cfg.hydra.sweeper.params["attack.num_samples"] == "100,200,300,400,500"
+        else:
+            assert cfg.attack.name == "benign" and cfg.model_path == "defend"
+
+
+def _recipe_tree(out: Path) -> None:
+    """sft: broken where samples >= 500; ctrap: collapses there, and under the preset's 500 samples; ctrap-full:
+    refuses everywhere. Two seeds; seed 1 of ctrap-full is broken in the grid's strongest cell."""
+    pre = {"sft": {"harmful_score": 0.0, "utility": 0.9}, "ctrap": {"harmful_score": 0.0, "utility": 0.81},
+           "ctrap-full": {"harmful_score": 0.0, "utility": 0.72}}
+
+    def post(defense: str, strong: bool, seed: int) -> dict:
+        if defense == "sft" or (defense == "ctrap-full" and strong and seed == 1):
+            return {"harmful_score": 1.0 if strong else 0.0, "utility": 0.85, "collapse_token_rate": 0.0,
+                    "collapse_token_rate_benign": 0.0}
+        if defense == "ctrap" and strong:
+            return {"harmful_score": 1.0, "utility": 0.1, "collapse_token_rate": 0.2,
+                    "collapse_token_rate_benign": 0.6}
+        return {"harmful_score": 0.0, "utility": 0.8, "collapse_token_rate": 0.0, "collapse_token_rate_benign": 0.0}
+
+    for seed in (0, 1):
+        for d in pre:
+            _write(out / "defend" / d / f"seed{seed}", _metrics(d, seed, pre[d]))
+            for lr in LRS:
+                for n in SAMPLES:
+                    attack = {"kind": "harmful", "lr": lr, "num_samples": n, "epochs": 2}
+                    _write(out / "grid" / d / f"seed{seed}-lr{lr}-n{n}",
+                           _metrics(d, seed, pre[d], post(d, n >= 500 and lr == 5e-4, seed), attack))
+            for n in (100, 200, 300, 400, 500):
+                attack = {"kind": "lora", "lr": 1e-3, "num_samples": n, "epochs": 20}
+                _write(out / "preset" / d / f"seed{seed}-lr0.001-n{n}",
+                       _metrics(d, seed, pre[d], post(d, n == 500 and d == "ctrap", seed), attack))
+            benign = {"harmful_score": 0.0, "utility": {"sft": 0.6, "ctrap": 0.5, "ctrap-full": 0.4}[d] + 0.1 * seed,
+                      "task_accuracy": {"sft": 0.9, "ctrap": 0.9, "ctrap-full": 0.45}[d]}
+            _write(out / "benign" / d / f"seed{seed}",
+                   _metrics(d, seed, pre[d], benign, {"kind": "benign", "lr": 3e-4, "num_samples": 1000}))
+
+
+def test_ctrap_recipe_table_on_a_fake_tree(tmp_path):
+    recipe = _recipe()
+    _recipe_tree(tmp_path)
+    markdown, data = recipe.build_table(tmp_path, ["sft", "ctrap", "ctrap-full"])
+    assert data["defenses"] == ["sft", "ctrap", "ctrap-full"]
+    grid = {r["defense"]: r for r in data["grid"]}
+    preset = {r["defense"]: r for r in data["preset"]}
+    # grid: sft broken in the lr 5e-4 x (500, 1000) cells only; ctrap collapses there; ctrap-full's seed 1 is broken
+    # there (the median of two seeds, HS 0.5, is broken too)
+    assert [grid[d]["no_win"] for d in data["defenses"]] == [7, 9, 7]
+    assert grid["ctrap-full"]["no_win_per_seed"] == {"0": 9, "1": 7}
+    assert [preset[d]["no_win"] for d in data["defenses"]] == [5, 5, 5]
+    assert preset["ctrap"]["positions"] == 5 and preset["ctrap"]["strongest_cell"] == "lr 0.001 x 500"
+    assert (preset["ctrap"]["collapse_strongest"], preset["ctrap"]["collapse_benign_strongest"]) == (0.2, 0.6)
+    assert grid["ctrap"]["strongest_cell"] == "lr 0.0005 x 1000"
+    assert grid["ctrap"]["utility_pre_rel"] == pytest.approx(0.9)
+    assert grid["ctrap-full"]["benign_accuracy_rel"] == pytest.approx(0.5)
+    assert data["benign_utility_after"] == pytest.approx({"sft": 0.65, "ctrap": 0.55, "ctrap-full": 0.45})
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert lines["attack grid (full-parameter attack, 2 epochs): no-win of the medians"].endswith(
+        "| **7/9** | **9/9** | **7/9** |")
+    assert lines["attack grid: no-win per seed"].endswith("| 7, 7 | 9, 9 | 9, 7 |")
+    assert lines["benign fine-tune: utility after it"].endswith("| 0.650 | 0.550 | 0.450 |")
+    assert "0.200 / 0.600 (lr 0.001 x 500)" in lines[
+        "collapse-token share, strongest ctrap_paper_tiny cell: harmful / benign prompts"]
+    assert "Attack grid, cell by cell:" in markdown and "sweep=ctrap_paper_tiny, cell by cell:" in markdown
+    assert recipe.build_table(tmp_path / "nothing")[0] == "no runs found\n"

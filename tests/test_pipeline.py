@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from helpers import compose_config, config_options
@@ -132,3 +136,59 @@ def test_realised_attack_size_is_the_configured_size(defended, tmp_path, caplog)
         attack(cfg)
     assert "attack.num_samples: using 24 of 2400 examples" in caplog.text
     assert "stream train: 24 examples" in caplog.text
+
+
+# ---- the published recipes and presets, as their commands run them (issue 10) -----------------------------------
+
+
+@pytest.mark.parametrize("model", ["embedded", "hf"])
+def test_defend_with_published_ctrap_changes_only_the_lora_targets(model, local_hf_model, tmp_path):
+    """``python -m selfdestruct.defend defense=ctrap``: LoRA adapters on q/k/v, trained and merged into the saved
+    model, so the released weights differ from the aligned ones (defense=sft: the aligned model itself) exactly
+    in the q/k/v projections."""
+    overrides = list(SMOKE_OVERRIDES)
+    if model == "hf":
+        overrides = [o for o in overrides if not o.startswith("model=")] + ["model=hf", *option_overrides(
+            "model", "hf", local_hf_model)]
+    runs = {}
+    for defense in ("sft", "ctrap"):
+        cfg = compose_config("defend", [*overrides, f"defense={defense}"], tmp_path / defense)
+        assert defend(cfg)["defense"] == defense
+        runs[defense] = load_file(str(tmp_path / defense / "model" / "model.safetensors"))
+    aligned, defended = runs["sft"], runs["ctrap"]
+    assert aligned.keys() == defended.keys()  # merged: no adapter weights in the released model
+    changed = {k for k in aligned if not torch.equal(aligned[k], defended[k])}
+    targets = {k for k in aligned if k.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                 "self_attn.v_proj.weight"))}
+    layers = {k.split(".layers.")[1].split(".")[0] for k in aligned if ".layers." in k}
+    assert len(layers) >= 2 and len(targets) == 3 * len(layers) and changed == targets
+
+
+@pytest.mark.parametrize("sweep,cell,expected", [
+    ("ctrap_paper", "attack.num_samples=100", {"kind": "lora", "lr": 1e-5, "num_samples": 100, "epochs": 20}),
+    ("seam_paper", "attack.lr=2e-5", {"kind": "harmful", "lr": 2e-5, "num_samples": 1000, "epochs": 1}),
+])
+def test_paper_attack_sweeps_run_one_cell(sweep, cell, expected, defended, tmp_path, cache_dir):
+    """``python -m selfdestruct.attack sweep=<paper preset> ...`` as a multirun, narrowed to one published cell
+    (a command-line value of a swept key replaces its list); fast_dev_run keeps it to one batch. lm-eval is not
+    installed here, so seam_paper's utility falls back to the embedded exact match (eval.lm_eval.tasks=[])."""
+    smoke = [o for o in SMOKE_OVERRIDES if not o.startswith(("model=", "eval.max_new_tokens"))]
+    args = [f"sweep={sweep}", *smoke, f"model_path={defended / 'model'}", cell,
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", "eval.lm_eval.tasks=[]"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "SELFDESTRUCT_CACHE": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "selfdestruct.attack", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = [p.parent for p in (tmp_path / "sweep").rglob("metrics.json")]
+    assert len(cells) == 1, cells
+    metrics = json.loads((cells[0] / "metrics.json").read_text())
+    assert metrics["attack"] == expected
+    composed = yaml.safe_load((cells[0] / ".hydra" / "config.yaml").read_text())
+    attack_cfg = composed["attack"]
+    if sweep == "ctrap_paper":  # a second LoRA on the merged defended model, as published
+        assert (attack_cfg["batch_size"], attack_cfg["lora"]["rank"], attack_cfg["lora"]["alpha"],
+                attack_cfg["lora"]["target_modules"]) == (10, 32, 4, ["q_proj", "k_proj", "v_proj"])
+        assert composed["eval"]["max_new_tokens"] == 512
+    else:
+        assert (attack_cfg["batch_size"], attack_cfg["weight_decay"], attack_cfg["schedule"]) == (4, 0.01, "cosine")
+        assert composed["eval"]["max_new_tokens"] == 50
