@@ -156,8 +156,9 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
         raise UserError(f"defense={node.name}: defense.optim is missing (the optimiser of the defense stage)")
     from selfdestruct.pipeline.defense import parse_params
 
-    parse_params(str(node.name), params)  # every defense parameter checked before any work
-    return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name))
+    parsed = parse_params(str(node.name), params)  # every defense parameter checked before any work, once
+    return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
+                       parsed=parsed)
 
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
@@ -166,8 +167,9 @@ def check_stages(cfg: DictConfig) -> DefenseSpec:
     return defense_spec(cfg)
 
 
-def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path) -> Path:
-    """Base → alignment → defense, each stage built once per configuration and shared through the cache."""
+def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
+    """Base → alignment → defense, each stage built once per configuration and shared through the cache; ``spec``
+    is :func:`check_stages`' result (checked again from ``cfg`` when not given)."""
     trainer_cfg = trainer_config(cfg)
     fmt = prompt_format(cfg)
     cache = cache_root(cfg)
@@ -188,9 +190,9 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path) ->
     def evaluate(model, tokenizer, stage: str):
         return evaluator(cfg, tokenizer, bundle)(model, stage)
 
-    spec = defense_spec(cfg)
+    spec = spec or defense_spec(cfg)
     if spec.name != "sft" and "fsdp" in str(cfg.trainer.strategy):
-        raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: SEAM and CTRAP need "
+        raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: the defenses need "
                         "whole gradients on every rank; use trainer=ddp (sharded training is for SFT and attacks)")
     return defended_model_dir(aligned, bundle, spec, trainer_cfg, cache, seed, fmt, evaluate, loggers, run_dir, load)
 
