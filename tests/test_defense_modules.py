@@ -443,3 +443,21 @@ def test_published_ctrap_step_through_the_module_equals_the_published_arithmetic
     expected = [-lr * wd * p0 - lr * g / (g.abs() + 1e-8) for p0, g in zip(before, want)]
     num = math.sqrt(sum(float(((u - v) ** 2).sum()) for u, v in zip(got, expected)))
     assert num / math.sqrt(sum(float((v**2).sum()) for v in expected)) <= 1e-6
+
+
+@pytest.mark.parametrize("name,params,expected", [
+    ("repnoise", {"num_samples": 7}, {"harmful": 7, "refusal": 7}),
+    ("vaccine", {"num_align": 9}, {"align": 9}),
+    ("npo", {"num_samples": 5, "num_align": 6}, {"align": 6, "harmful": 5}),
+    ("npo", {}, {"align": 18, "harmful": 12}),  # null: the whole pools
+])
+def test_baseline_streams_have_the_configured_sizes_and_lora_by_default(name, params, expected, tokenizer):
+    module, data, exact = build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, params,
+                                        OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)
+    assert data.sizes() == data.expected == expected and not exact
+    assert hasattr(module.model, "peft_config")  # the published baselines train LoRA adapters
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(UserError, match=f"defense.params.nosuch: unknown option for {name}"):
+        build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, {"nosuch": 1},
+                      OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)

@@ -15,8 +15,12 @@ from typing import Any
 
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.defense import DefenseModule
+from selfdestruct.modules.npo import NPOModule
 from selfdestruct.objectives.ctrap import CtrapParams
+from selfdestruct.objectives.npo import NpoParams
+from selfdestruct.objectives.repnoise import RepNoiseParams, repnoise_step
 from selfdestruct.objectives.seam import SeamParams, seam_step
+from selfdestruct.objectives.vaccine import VaccineParams, vaccine_step
 from selfdestruct.pipeline import streams
 
 
@@ -44,4 +48,7 @@ DEFENSES: dict[str, Defense] = {
     "seam": Defense(SeamParams, streams.seam_streams, seam_step, ("harmful", "refusal", "benign"),
                     exact=lambda p: p.estimator == "exact"),
     "ctrap": Defense(CtrapParams, streams.ctrap_streams, module=CTRAPModule, exact=lambda p: p.gradient == "exact"),
+    "repnoise": Defense(RepNoiseParams, streams.paired_streams, repnoise_step, ("harmful", "refusal")),
+    "vaccine": Defense(VaccineParams, streams.role_streams("align"), vaccine_step, ("align",)),
+    "npo": Defense(NpoParams, streams.role_streams("align", "harmful"), module=NPOModule),
 }

@@ -157,8 +157,10 @@ def seam_selections(
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder's last normalisation layer, applied to every hidden state by the logit lens."""
-    base = model.base_model
+    """The decoder's last normalisation layer, applied to every hidden state by the logit lens (through peft's
+    LoRA wrapper too)."""
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = plain.base_model
     for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
         module = getattr(base, name, None)
         if isinstance(module, torch.nn.Module):
