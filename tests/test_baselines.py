@@ -22,6 +22,7 @@ from _objectives_fixtures import micro_llama, param_grads, rel_error, seam_batch
 from conftest import SMOKE_OVERRIDES
 
 from selfdestruct.defenses import DEFENSES
+from selfdestruct.objectives.booster import BoosterParams, booster_step
 from selfdestruct.objectives.npo import NpoParams, npo_step
 from selfdestruct.objectives.repnoise import RepNoiseParams, repnoise_step
 from selfdestruct.objectives.vaccine import VaccineParams, vaccine_step
@@ -172,10 +173,36 @@ def test_npo_step_is_the_published_arithmetic(model, batches):
     assert all(q.grad is None for q in reference.parameters())  # the reference stays frozen
 
 
+# ---- Booster --------------------------------------------------------------------------------------------------
+
+
+def test_booster_step_is_the_published_arithmetic(model, batches):
+    """∇ℓ(θ; retain) + λ·(∇ℓ(θ; D_h) − ∇ℓ(θ'; D_h)), θ' = θ − α·g_h/(‖g_h‖ + 1e-7), on a moved copy."""
+    harmful, _, retain = batches
+    lam, alpha = 5.0, 0.1
+    params = list(model.parameters())
+    g_h = torch.autograd.grad(_ce(_logits(model, harmful), harmful["labels"]), params)
+    length = math.sqrt(sum(float(g.square().sum()) for g in g_h)) + 1e-7
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for q, g in zip(moved.parameters(), g_h):
+            q.sub_(alpha * g / length)
+    g_after = torch.autograd.grad(_ce(_logits(moved, harmful), harmful["labels"]), list(moved.parameters()))
+    g_retain = torch.autograd.grad(_ce(_logits(model, retain), retain["labels"]), params)
+    want = [r + lam * (a - b) for r, a, b in zip(g_retain, g_h, g_after)]
+    state = [q.detach().clone() for q in params]
+    got, stats = _step_gradient(booster_step, model, retain, harmful, BoosterParams(lam=lam, alpha=alpha))
+    assert rel_error(got, want) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(state, model.parameters()))  # weights restored bit for bit
+    assert stats["loss_harmful_lookahead"] < stats["loss_harmful"]  # the simulated step lowers the harmful loss
+    assert stats["loss"] == pytest.approx(stats["loss_align"] + lam * (stats["loss_harmful"]
+                                                                        - stats["loss_harmful_lookahead"]))
+
+
 # ---- every baseline: registered, with a config whose every parameter is written out ---------------------------
 
 
-@pytest.mark.parametrize("name", ["repnoise", "vaccine", "npo"])
+@pytest.mark.parametrize("name", ["repnoise", "vaccine", "npo", "booster"])
 def test_baseline_defaults_are_the_dataclass_defaults(name, tmp_path):
     from helpers import compose_config
 
@@ -195,7 +222,7 @@ def test_baseline_defaults_are_the_dataclass_defaults(name, tmp_path):
 
 def test_defend_multirun_over_the_baselines(tmp_path):
     """``python -m selfdestruct.defend -m defense=...`` on the micro model, one batch per stage."""
-    names = ["repnoise", "vaccine", "npo"]
+    names = ["repnoise", "vaccine", "booster", "npo"]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), WANDB_MODE="disabled", OMP_NUM_THREADS="1",
                SELFDESTRUCT_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "selfdestruct.defend", "-m", f"defense={','.join(names)}", *SMOKE_OVERRIDES,

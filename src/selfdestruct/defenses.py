@@ -16,6 +16,7 @@ from typing import Any
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.modules.npo import NPOModule
+from selfdestruct.objectives.booster import BoosterParams, booster_step
 from selfdestruct.objectives.ctrap import CtrapParams
 from selfdestruct.objectives.npo import NpoParams
 from selfdestruct.objectives.repnoise import RepNoiseParams, repnoise_step
@@ -51,4 +52,5 @@ DEFENSES: dict[str, Defense] = {
     "repnoise": Defense(RepNoiseParams, streams.paired_streams, repnoise_step, ("harmful", "refusal")),
     "vaccine": Defense(VaccineParams, streams.role_streams("align"), vaccine_step, ("align",)),
     "npo": Defense(NpoParams, streams.role_streams("align", "harmful"), module=NPOModule),
+    "booster": Defense(BoosterParams, streams.retain_streams, booster_step, ("retain", "harmful")),
 }
