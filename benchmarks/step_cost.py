@@ -107,8 +107,8 @@ def gradient_fn(method: str, model: torch.nn.Module, batch: dict, measure_lookah
             seam_step(model, batch, batch, batch, SeamParams(alpha=1.0, beta=0.01, eps=1e-3, estimator="forward"))
     else:
         def run() -> None:
-            ctrap_step(model, batch, batch, batch, CtrapParams(lam=0.1, step_size=0.1, measure_lookahead=measure_lookahead),
-                       token_id=COLLAPSE_TOKEN)
+            p = CtrapParams(lam=0.1, step_size=0.1, measure_lookahead=measure_lookahead)
+            ctrap_step(model, batch, batch, batch, p, token_id=COLLAPSE_TOKEN)
     return run
 
 

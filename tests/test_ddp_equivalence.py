@@ -7,8 +7,8 @@ What must hold after N optimiser steps (AdamW in fp64; SGD in fp32/bf16, see ``_
   two ranks hold different numbers of labelled tokens (the token-weighted reduction of common.pooled).
 
 The objectives are driven directly with ``reduce_fn=all_reduce_mean`` (deterministic, no Lightning in the way);
-one more test goes through ``pl.Trainer(strategy="ddp_spawn")`` with the SEAM defense module and also checks that DDP's own
-gradient hooks never fire (the objectives' reduction is the only one).
+one more test goes through ``pl.Trainer(strategy="ddp_spawn")`` with SEAM's defense module and also checks that
+DDP's own gradient hooks never fire (the objectives' reduction is the only one).
 
 Errors are relative, ‖x_2proc − x_1proc‖ / ‖x_1proc‖, on the weight change Δθ = θ_N − θ_0 and on the first
 step's gradient. The two runs differ only in summation order (per-rank sums, then the all-reduce), amplified by

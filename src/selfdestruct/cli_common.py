@@ -6,7 +6,6 @@ takes typed, explicit arguments.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
 from selfdestruct.data.synthetic import WorldConfig
-from selfdestruct.errors import FieldError, UserError
+from selfdestruct.errors import UserError, build_config
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions
@@ -36,14 +35,7 @@ def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] =
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     for name in drop:
         values.pop(name, None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except FieldError as err:
-        raise err.under(key) from None
+    return build_config(cls, values, key)
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:

@@ -32,8 +32,8 @@ class Defense:
     ``params``: the parameter dataclass (None: the defense trains nothing, the aligned model is released).
     ``streams``: ``(bundle, params, encoding) -> DefenseData``. ``objective`` and ``roles``: the step the shared
     module calls as ``objective(model, *batches in roles order, params, reduce_fn=...)``. ``module``: a
-    :class:`DefenseModule` subclass instead (built as ``module(model, optim, params, tokenizer=tokenizer)``). ``exact``: whether the
-    parameters ask for double backward (the whole fit then runs with eager attention).
+    :class:`DefenseModule` subclass instead, built as ``module(model, optim, params, tokenizer=tokenizer)``.
+    ``exact``: whether the parameters ask for double backward (the whole fit then runs with eager attention).
     """
 
     params: type | None = None

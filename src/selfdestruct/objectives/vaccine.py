@@ -57,7 +57,8 @@ def vaccine_step(model: torch.nn.Module, align: Batch, p: VaccineParams = Vaccin
     """Accumulate ∇_θ ℓ(θ; D_align | h_l + ε_l) into ``.grad``; return the stats.
 
     ``reduce_fn`` averages ``.grad`` across data-parallel ranks at the end (each rank perturbs its own
-    examples' embeddings, ε normalised over the rank's own batch). Stats: loss (perturbed), loss_clean, norm_hidden_grad.
+    examples' embeddings, ε normalised over the rank's own batch). Stats: loss (perturbed), loss_clean,
+    norm_hidden_grad (‖∂ℓ/∂h‖).
     """
     params = trainable_parameters(model)
     layers = modules_named(model, "Attention")

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import Logger
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.defenses import DEFENSES
-from selfdestruct.errors import FieldError, UserError
+from selfdestruct.errors import UserError, build_config
 from selfdestruct.modules.attack import merged, wrap_lora
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import AdapterParams, eager_attention
@@ -46,14 +46,7 @@ def parse_params(name: str, params: Mapping[str, Any] | Any | None):
         if values:
             raise UserError(f"defense.params.{sorted(values)[0]}: defense={name} takes no parameters")
         return None
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"defense.params.{unknown[0]}: unknown option for {name} (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except FieldError as err:
-        raise err.under("defense.params") from None
+    return build_config(cls, values, "defense.params")
 
 
 def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
