@@ -19,7 +19,7 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from selfdestruct.objectives.seam import sd_gradient
+from selfdestruct.objectives.seam import SeamParams, sd_gradient
 
 EPS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# micro Llama, {sum(p.numel() for p in base.parameters())} parameters", file=sys.stderr)
     for dtype_name, dtype in DTYPES.items():
         model = base.to(dtype)
-        exact, _ = sd_gradient(model, harmful, benign, estimator="exact")
+        exact, _ = sd_gradient(model, harmful, benign, SeamParams(estimator="exact"))
         for scheme in ("forward", "central"):
             for eps in EPS:
-                estimate, _ = sd_gradient(model, harmful, benign, eps=eps, estimator=scheme)
+                estimate, _ = sd_gradient(model, harmful, benign, SeamParams(eps=eps, estimator=scheme))
                 row = {"scheme": scheme, "dtype": dtype_name, "eps": eps, "rel_error": rel_error(estimate, exact)}
                 print(json.dumps(row), flush=True)
 

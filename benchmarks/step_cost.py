@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from selfdestruct.objectives.ctrap import ctrap_step
-from selfdestruct.objectives.seam import seam_step
+from selfdestruct.objectives.ctrap import CtrapParams, ctrap_step
+from selfdestruct.objectives.seam import SeamParams, seam_step
 
 METHODS = ("sft", "seam", "ctrap")
 TARGET_TIME = 1.10  # time ratio ≤ 1.10 × floor
@@ -104,11 +104,11 @@ def gradient_fn(method: str, model: torch.nn.Module, batch: dict, measure_lookah
             model(**batch, use_cache=False).loss.backward()
     elif method == "seam":
         def run() -> None:
-            seam_step(model, batch, batch, batch, alpha=1.0, beta=0.01, eps=1e-3, estimator="forward")
+            seam_step(model, batch, batch, batch, SeamParams(alpha=1.0, beta=0.01, eps=1e-3, estimator="forward"))
     else:
         def run() -> None:
-            ctrap_step(model, batch, batch, batch, token_id=COLLAPSE_TOKEN, lam=0.1, step_size=0.1,
-                       measure_lookahead=measure_lookahead)
+            p = CtrapParams(lam=0.1, step_size=0.1, measure_lookahead=measure_lookahead)
+            ctrap_step(model, batch, batch, batch, p, token_id=COLLAPSE_TOKEN)
     return run
 
 

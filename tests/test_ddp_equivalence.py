@@ -7,8 +7,8 @@ What must hold after N optimiser steps (AdamW in fp64; SGD in fp32/bf16, see ``_
   two ranks hold different numbers of labelled tokens (the token-weighted reduction of common.pooled).
 
 The objectives are driven directly with ``reduce_fn=all_reduce_mean`` (deterministic, no Lightning in the way);
-one more test goes through ``pl.Trainer(strategy="ddp_spawn")`` with SEAMModule and also checks that DDP's own
-gradient hooks never fire (the objectives' reduction is the only one).
+one more test goes through ``pl.Trainer(strategy="ddp_spawn")`` with SEAM's defense module and also checks that
+DDP's own gradient hooks never fire (the objectives' reduction is the only one).
 
 Errors are relative, ‖x_2proc − x_1proc‖ / ‖x_1proc‖, on the weight change Δθ = θ_N − θ_0 and on the first
 step's gradient. The two runs differ only in summation order (per-rank sums, then the all-reduce), amplified by
@@ -36,10 +36,11 @@ import torch.multiprocessing as mp
 from _objectives_fixtures import batch_from_rows, micro_llama, rel_error
 from torch.utils.data import DataLoader
 
-from selfdestruct.modules.seam import SEAMModule
+from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import all_reduce_mean
-from selfdestruct.objectives.ctrap import SecondMoment, ctrap_step
-from selfdestruct.objectives.seam import seam_step
+from selfdestruct.objectives.ctrap import CtrapParams, SecondMoment, ctrap_step
+from selfdestruct.objectives.seam import SeamParams, seam_step
+from selfdestruct.pipeline.training import OptimConfig
 
 torch.set_num_threads(1)  # also runs in every spawned worker, which imports this module
 
@@ -133,10 +134,10 @@ def _run(case: str, rank: int | None, reduce_fn) -> dict:
     for _ in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
         if kind == "seam":
-            stats = seam_step(model, a, b, c, reduce_fn=reduce_fn, **{"eps": 1e-3, **options})
+            stats = seam_step(model, a, b, c, SeamParams(**{"eps": 1e-3, **options}), reduce_fn=reduce_fn)
         else:
-            stats = ctrap_step(model, a, b, c, token_id=COLLAPSE_TOKEN, lam=0.5, measure_lookahead=True,
-                               second_moment=moment, reduce_fn=reduce_fn, **options)
+            stats = ctrap_step(model, a, b, c, CtrapParams(lam=0.5, measure_lookahead=True, **options),
+                               token_id=COLLAPSE_TOKEN, second_moment=moment, reduce_fn=reduce_fn)
         if first_grads is None:
             first_grads = [p.grad.detach().float().clone() for p in model.parameters()]
         optimizer.step()
@@ -257,11 +258,11 @@ def _counting_comm_hook(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-class _RecordingSEAM(SEAMModule):
-    """SEAMModule that writes each rank's final weights, stats and DDP hook count to ``out_dir``."""
+class _RecordingSEAM(DefenseModule):
+    """The SEAM defense module that writes each rank's final weights, stats and DDP hook count to ``out_dir``."""
 
-    def __init__(self, model, out_dir: str, **kwargs) -> None:
-        super().__init__(model, **kwargs)
+    def __init__(self, model, out_dir: str, lr: float, **params) -> None:
+        super().__init__(model, OptimConfig(lr=lr), SeamParams(**params), seam_step, ("harmful", "refusal", "benign"))
         self.out_dir = out_dir
 
     def on_train_start(self) -> None:
@@ -304,7 +305,7 @@ def test_lightning_ddp_spawn_keeps_ranks_identical_and_matches_one_process(tmp_p
     full = _batches(case, None)
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        seam_step(reference, *full, beta=0.5, benign_weight=0.3)
+        seam_step(reference, *full, SeamParams(beta=0.5, benign_weight=0.3))
         optimizer.step()
     err = _delta_error({"before": before, "after": r0["params"]},
                        {"before": before, "after": [p.detach() for p in reference.parameters()]})

@@ -26,18 +26,13 @@ from selfdestruct.data.sources import DataBundle
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import EvalSets
+from selfdestruct.defenses import DEFENSES
 from selfdestruct.modules.ctrap import CTRAPModule
-from selfdestruct.modules.seam import SEAMModule
+from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import NonFiniteGradientError
-from selfdestruct.objectives.ctrap import collapse_loss
-from selfdestruct.pipeline.defense import (
-    CtrapParams,
-    DefenseDataModule,
-    SeamParams,
-    apply_defense,
-    build_defense,
-    parse_params,
-)
+from selfdestruct.objectives.ctrap import CtrapParams, collapse_loss
+from selfdestruct.objectives.seam import SeamParams, seam_step
+from selfdestruct.pipeline.defense import DefenseDataModule, apply_defense, build_defense, parse_params
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig
 
 torch.set_num_threads(1)
@@ -62,17 +57,22 @@ def _seam_batch(seed: int = 0) -> dict:
     return {"harmful": harmful, "refusal": refusal, "benign": benign}
 
 
+def _seam_module(model, lr: float, **params) -> DefenseModule:
+    """SEAM as the defense stage builds it: the shared defense module running seam_step."""
+    return DefenseModule(model, OptimConfig(lr=lr), SeamParams(**params), seam_step, ("harmful", "refusal", "benign"))
+
+
 def _params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-# ---- SEAMModule ------------------------------------------------------------------------------------------------
+# ---- SEAM module ------------------------------------------------------------------------------------------------
 
 
 def test_seam_steps_change_the_weights_and_log_every_stat_every_step(tmp_path):
     model = micro_llama()
     before = _params(model)
-    module = SEAMModule(model, lr=1e-3, beta=1.0)
+    module = _seam_module(model, lr=1e-3, beta=1.0)
     csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
     _trainer(3, tmp_path, csv).fit(module, _loader(_seam_batch(), 3))
 
@@ -120,7 +120,7 @@ def test_seam_with_beta_zero_is_a_plain_step_on_ul_plus_alpha_up(tmp_path):
     batch = _seam_batch(seed=3)
     model = micro_llama(seed=1)
     reference = copy.deepcopy(model)
-    module = SEAMModule(model, lr=lr, alpha=alpha, beta=0.0)
+    module = _seam_module(model, lr=lr, alpha=alpha, beta=0.0)
     _trainer(1, tmp_path).fit(module, _loader(batch, 1))
 
     loss = _manual_ul_plus_up(reference, batch["harmful"], batch["refusal"], alpha)
@@ -136,7 +136,7 @@ def test_seam_with_beta_zero_is_a_plain_step_on_ul_plus_alpha_up(tmp_path):
 
 def test_seam_stops_fit_on_a_nan_and_leaves_no_model(tmp_path):
     model = micro_llama()
-    module = SEAMModule(model, lr=1e-3)
+    module = _seam_module(model, lr=1e-3)
     state: dict = {}
 
     def poison(_module, _inputs, output):  # from the second optimiser step on, the final norm emits NaN
@@ -180,7 +180,8 @@ def test_ctrap_steps_lower_the_collapse_loss_at_the_lookahead_point(tmp_path):
     token = 7
     model = micro_llama(seed=2)
     start = _lookahead_collapse(model, harmful, general, token, 0.1)
-    module = CTRAPModule(model, lr=3e-3, token_id=token, lam=0.1, step_size=0.1)
+    module = CTRAPModule(model, OptimConfig(lr=3e-3), CtrapParams(lam=0.1, step_size=0.1, data="align_general"),
+                         token_id=token)
     _trainer(30, tmp_path).fit(module, _loader(batch, 30))
     end = _lookahead_collapse(model, harmful, general, token, 0.1)
 
@@ -364,7 +365,7 @@ def test_defense_configs_compose_with_paper_defaults_and_every_key_is_consumed(n
     assert set(cfg.defense) == {"name", "params", "optim"} and cfg.defense.name == name
     optim = OptimConfig(**cfg.defense.optim)  # every optim key is an OptimConfig field
     params = parse_params(name, cfg.defense.params)  # every params key is a field (unknown keys raise)
-    cls = {"seam": SeamParams, "ctrap": CtrapParams}[name]
+    cls = DEFENSES[name].params
     assert set(cfg.defense.params) == {f.name for f in dataclasses.fields(cls)}  # and every field is written out
     want_params, want_optim = PAPER[name]
     assert {k: getattr(params, k) for k in want_params} == want_params
@@ -565,3 +566,21 @@ def test_seam_step_through_the_module_equals_the_published_arithmetic(official, 
         plain, _ = _published_seam_gradient(copy.deepcopy(reference), harmful, refusal, benign, alpha, beta, eps,
                                             False)
         assert rel_error(plain, want) > 1e-2
+
+
+@pytest.mark.parametrize("name,params,expected", [
+    ("repnoise", {"num_samples": 7}, {"harmful": 7, "refusal": 7}),
+    ("vaccine", {"num_align": 9}, {"align": 9}),
+    ("npo", {"num_samples": 5, "num_align": 6}, {"align": 6, "harmful": 5}),
+    ("npo", {}, {"align": 18, "harmful": 12}),  # null: the whole pools
+])
+def test_baseline_streams_have_the_configured_sizes_and_lora_by_default(name, params, expected, tokenizer):
+    module, data, exact = build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, params,
+                                        OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)
+    assert data.sizes() == data.expected == expected and not exact
+    assert hasattr(module.model, "peft_config")  # the published baselines train LoRA adapters
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with pytest.raises(UserError, match="defense.params.nosuch: unknown option"):
+        build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, {"nosuch": 1},
+                      OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from _objectives_fixtures import micro_llama, seam_batches
-from selfdestruct.objectives.ctrap import ctrap_step
-from selfdestruct.objectives.seam import seam_step
+from selfdestruct.objectives.ctrap import CtrapParams, ctrap_step
+from selfdestruct.objectives.seam import SeamParams, seam_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,7 +20,7 @@ def test_seam_step_on_bf16_cuda_restores_weights_and_gives_finite_fp32_stats():
     model = micro_llama(dtype=torch.bfloat16).cuda()
     before = [p.detach().clone() for p in model.parameters()]
     harmful, refusal, benign = (_on_cuda(b) for b in seam_batches())
-    stats = seam_step(model, harmful, refusal, benign, beta=1.0, eps=1e-2)
+    stats = seam_step(model, harmful, refusal, benign, SeamParams(beta=1.0, eps=1e-2))
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # perturbations undone exactly
     assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
     assert -1.0 <= stats["cos"] <= 1.0 and stats["norm_a"] > 0 and stats["norm_b"] > 0
@@ -30,6 +30,6 @@ def test_ctrap_step_on_bf16_cuda_restores_weights():
     model = micro_llama(dtype=torch.bfloat16).cuda()
     before = [p.detach().clone() for p in model.parameters()]
     harmful, align, general = (_on_cuda(b) for b in seam_batches(seed=1))
-    stats = ctrap_step(model, align, harmful, general, token_id=5)
+    stats = ctrap_step(model, align, harmful, general, CtrapParams(measure_lookahead=False), token_id=5)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert stats["loss_collapse"] > 0

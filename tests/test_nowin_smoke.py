@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import compose_config
 
-from selfdestruct.pipeline.defense import CtrapParams, SeamParams, parse_params
+from selfdestruct.objectives.ctrap import CtrapParams
+from selfdestruct.objectives.seam import SeamParams
+from selfdestruct.pipeline.defense import parse_params
 from selfdestruct.pipeline.training import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]

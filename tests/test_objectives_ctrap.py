@@ -20,7 +20,14 @@ from _objectives_fixtures import (
 
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.objectives.common import NonFiniteGradientError
-from selfdestruct.objectives.ctrap import SecondMoment, collapse_loss, collapse_token_id, ctrap_step, lookahead_step
+from selfdestruct.objectives.ctrap import (
+    CtrapParams,
+    SecondMoment,
+    collapse_loss,
+    collapse_token_id,
+    ctrap_step,
+    lookahead_step,
+)
 
 torch.set_num_threads(1)
 TOKEN = 7  # the collapse token of these tests (any id that is not BOS/EOS/PAD)
@@ -67,9 +74,14 @@ def _reference(model, align, harmful, general, lam, radii, normalize=True, steps
     return total
 
 
+def _params(gradient_mode: str = "first_order", measure_lookahead: bool = False, **kwargs) -> CtrapParams:
+    """CtrapParams for the objective alone (what ctrap_step reads; the data and adapter fields do not matter)."""
+    return CtrapParams(gradient=gradient_mode, measure_lookahead=measure_lookahead, **kwargs)
+
+
 def _step_grads(model, *args, **kwargs):
     model.zero_grad(set_to_none=True)
-    stats = ctrap_step(model, *args, token_id=TOKEN, **kwargs)
+    stats = ctrap_step(model, *args, _params(**kwargs), token_id=TOKEN)
     grads = param_grads(model)
     model.zero_grad(set_to_none=True)
     return grads, stats
@@ -144,7 +156,7 @@ def test_exact_mode_rejects_non_differentiable_lookaheads(batches):
     model = micro_llama()
     align, harmful, general = batches
     with pytest.raises(ValueError, match="exact"):
-        ctrap_step(model, align, harmful, general, token_id=TOKEN, gradient_mode="exact", lookahead="sign")
+        ctrap_step(model, align, harmful, general, CtrapParams(gradient="exact", lookahead="sign"), token_id=TOKEN)
 
 
 OPTIONS = [
@@ -162,7 +174,7 @@ def test_weights_are_restored_bit_for_bit(batches, options):
     model = micro_llama()
     align, harmful, general = batches
     state = clone_state(model)
-    stats = ctrap_step(model, align, harmful, general, token_id=TOKEN, **options)
+    stats = ctrap_step(model, align, harmful, general, _params(**options), token_id=TOKEN)
     assert_state_identical(model, state)
     assert all(math.isfinite(v) for v in stats.values())
     if options.get("measure_lookahead"):
@@ -249,5 +261,5 @@ def test_empty_harmful_batch_stops_with_a_clear_error(batches):
     empty = dict(harmful, labels=torch.full_like(harmful["labels"], -100))
     state = clone_state(model)
     with pytest.raises(NonFiniteGradientError, match="normalise"):
-        ctrap_step(model, align, empty, general, token_id=TOKEN)
+        ctrap_step(model, align, empty, general, _params(), token_id=TOKEN)
     assert_state_identical(model, state)

@@ -23,6 +23,7 @@ from selfdestruct.objectives.seam import (
     official_selection,
     plain_selection,
     sd_gradient,
+    SeamParams,
     seam_selections,
     seam_step,
     unlearning_terms,
@@ -43,7 +44,7 @@ EPS_FIT = (1e-2, 3e-2, 1e-1)
 def setup():
     model = micro_llama()
     harmful, refusal, benign = seam_batches()
-    exact, stats = sd_gradient(model, harmful, benign, estimator="exact")
+    exact, stats = sd_gradient(model, harmful, benign, SeamParams(estimator="exact"))
     return model, harmful, refusal, benign, exact, stats
 
 
@@ -61,21 +62,22 @@ def test_exact_gradient_is_not_degenerate(setup):
 
 def test_forward_estimate_within_one_percent_at_eps_1e_3(setup):
     model, harmful, _, benign, exact, _ = setup
-    est, _ = sd_gradient(model, harmful, benign, eps=1e-3, estimator="forward")
+    est, _ = sd_gradient(model, harmful, benign, SeamParams(eps=1e-3, estimator="forward"))
     assert rel_error(est, exact) < 1e-2
 
 
 def test_forward_error_is_first_order_in_eps(setup):
     model, harmful, _, benign, exact, _ = setup
-    errors = [rel_error(sd_gradient(model, harmful, benign, eps=e, estimator="forward")[0], exact) for e in EPS_FIT]
+    errors = [rel_error(sd_gradient(model, harmful, benign, SeamParams(eps=e))[0], exact) for e in EPS_FIT]
     assert 0.8 <= _slope(EPS_FIT, errors) <= 1.2, errors
 
 
 def test_central_error_is_second_order_in_eps(setup):
     model, harmful, _, benign, exact, _ = setup
-    errors = [rel_error(sd_gradient(model, harmful, benign, eps=e, estimator="central")[0], exact) for e in EPS_FIT]
+    errors = [rel_error(sd_gradient(model, harmful, benign, SeamParams(eps=e, estimator="central"))[0], exact)
+              for e in EPS_FIT]
     assert _slope(EPS_FIT, errors) >= 1.6, errors
-    forward = rel_error(sd_gradient(model, harmful, benign, eps=1e-2, estimator="forward")[0], exact)
+    forward = rel_error(sd_gradient(model, harmful, benign, SeamParams(eps=1e-2, estimator="forward"))[0], exact)
     assert errors[0] < forward / 10
 
 
@@ -85,12 +87,12 @@ def test_estimate_leaves_parameters_bit_identical_and_grads_untouched(setup):
     for p in model.parameters():
         p.grad = torch.full_like(p, 3.0)
     for scheme in ("forward", "central", "exact"):
-        sd_gradient(model, harmful, benign, eps=1e-1, estimator=scheme)
+        sd_gradient(model, harmful, benign, SeamParams(eps=1e-1, estimator=scheme))
     assert_state_identical(model, state)
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
     for scheme in ("forward", "central"):
         model.zero_grad(set_to_none=True)
-        seam_step(model, harmful, refusal, benign, beta=1.0, eps=1e-1, estimator=scheme)
+        seam_step(model, harmful, refusal, benign, SeamParams(beta=1.0, eps=1e-1, estimator=scheme))
         assert_state_identical(model, state)
     model.zero_grad(set_to_none=True)
 
@@ -112,12 +114,12 @@ def test_beta_zero_removes_the_coupling_term_exactly(setup, official):
     model, harmful, refusal, benign, _, _ = setup
     expected, _ = _ul_up_gradients(model, harmful, refusal, alpha=0.7, official=official)
     model.zero_grad(set_to_none=True)
-    seam_step(model, harmful, refusal, benign, alpha=0.7, beta=0.0, official_masking=official)
+    seam_step(model, harmful, refusal, benign, SeamParams(alpha=0.7, beta=0.0, official_masking=official))
     got = param_grads(model)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
     # and the coupling term is really there when beta != 0
     model.zero_grad(set_to_none=True)
-    seam_step(model, harmful, refusal, benign, alpha=0.7, beta=0.1, official_masking=official)
+    seam_step(model, harmful, refusal, benign, SeamParams(alpha=0.7, beta=0.1, official_masking=official))
     assert rel_error(param_grads(model), expected) > 1e-3
     model.zero_grad(set_to_none=True)
 
@@ -137,14 +139,13 @@ def test_step_gradient_is_the_sum_of_its_terms(setup, estimator):
     model, harmful, refusal, benign, _, _ = setup
     alpha, beta, gamma, eps = 0.7, 0.5, 0.3, 1e-3
     ul_up, _ = _ul_up_gradients(model, harmful, refusal, alpha)
-    sd, coupling = sd_gradient(model, harmful, benign, eps=eps, estimator=estimator)
+    sd, coupling = sd_gradient(model, harmful, benign, SeamParams(eps=eps, estimator=estimator))
     sel = select_labels(benign["labels"])
     g_b = torch.autograd.grad(masked_ce(model, benign, sel), list(model.parameters()))
     expected = [u + beta * s + gamma * b for u, s, b in zip(ul_up, sd, g_b)]
     model.zero_grad(set_to_none=True)
-    stats = seam_step(
-        model, harmful, refusal, benign, alpha=alpha, beta=beta, eps=eps, estimator=estimator, benign_weight=gamma
-    )
+    stats = seam_step(model, harmful, refusal, benign,
+                      SeamParams(alpha=alpha, beta=beta, eps=eps, estimator=estimator, benign_weight=gamma))
     assert rel_error(param_grads(model), expected) < 1e-4
     assert stats["cos"] == pytest.approx(coupling["cos"], rel=1e-6)
     assert stats["norm_a"] == pytest.approx(coupling["norm_a"], rel=1e-6)
@@ -246,10 +247,10 @@ def test_non_finite_estimate_raises_and_restores_the_weights(setup):
     model, harmful, refusal, benign, _, _ = setup
     state = clone_state(model)
     with pytest.raises(NonFiniteGradientError, match="non-finite"):
-        seam_step(model, harmful, refusal, benign, beta=0.01, eps=1e30)
+        seam_step(model, harmful, refusal, benign, SeamParams(beta=0.01, eps=1e30))
     assert_state_identical(model, state)
     with pytest.raises(NonFiniteGradientError):
-        sd_gradient(model, harmful, benign, eps=1e30, estimator="central")
+        sd_gradient(model, harmful, benign, SeamParams(eps=1e30, estimator="central"))
     assert_state_identical(model, state)
     model.zero_grad(set_to_none=True)
 
@@ -281,7 +282,7 @@ def test_bf16_step_restores_weights_and_stays_finite():
     model = micro_llama(vocab=64).to(torch.bfloat16)
     harmful, refusal, benign = seam_batches(vocab=64)
     state = clone_state(model)
-    stats = seam_step(model, harmful, refusal, benign, beta=0.01, eps=1e-2, estimator="central")
+    stats = seam_step(model, harmful, refusal, benign, SeamParams(beta=0.01, eps=1e-2, estimator="central"))
     assert_state_identical(model, state)
     assert all(math.isfinite(v) for v in stats.values())
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
@@ -291,11 +292,11 @@ def test_reduce_fn_sees_g_a_g_b_and_the_final_gradient(setup):
     """Data parallelism hook: called on g_a and g_b (before the perturbation) and on .grad; identity changes nothing."""
     model, harmful, refusal, benign, _, _ = setup
     model.zero_grad(set_to_none=True)
-    seam_step(model, harmful, refusal, benign, beta=0.1)
+    seam_step(model, harmful, refusal, benign, SeamParams(beta=0.1))
     plain = param_grads(model)
     calls: list[list[torch.Tensor]] = []
     model.zero_grad(set_to_none=True)
-    seam_step(model, harmful, refusal, benign, beta=0.1, reduce_fn=calls.append)
+    seam_step(model, harmful, refusal, benign, SeamParams(beta=0.1), reduce_fn=calls.append)
     n = len(list(model.parameters()))
     assert [len(c) for c in calls] == [n, n, n]
     assert all(c is p.grad for c, p in zip(calls[2], model.parameters()))
@@ -310,6 +311,6 @@ def test_reduce_fn_sees_g_a_g_b_and_the_final_gradient(setup):
             for t in ts:
                 t.mul_(0.5)
 
-    seam_step(model, harmful, refusal, benign, beta=0.1, reduce_fn=scale_second)
+    seam_step(model, harmful, refusal, benign, SeamParams(beta=0.1), reduce_fn=scale_second)
     assert rel_error(param_grads(model), plain) > 1e-6
     model.zero_grad(set_to_none=True)

@@ -73,12 +73,13 @@ def attack(cfg: DictConfig) -> dict:
     cc.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     cc.trainer_config(cfg)
+    defense = None
     if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
-        cc.check_stages(cfg)
+        defense = cc.check_stages(cfg)
     bundle = cc.data_bundle(cfg)
     examples = attack_examples(bundle, spec, int(cfg.seed))
     loggers = cc.job_loggers(cfg, run_dir)
-    model_path = cc.defended_dir(cfg, bundle, loggers, run_dir) if cfg.model_path == "defend" else cfg.model_path
+    model_path = cc.defended_dir(cfg, bundle, loggers, run_dir, defense) if defense else cfg.model_path
     model, tokenizer = load_model_dir(model_path, key="model_path", options=cc.load_options(cfg))
     provenance = read_provenance(model_path)
     evaluate = cc.evaluator(cfg, tokenizer, bundle)

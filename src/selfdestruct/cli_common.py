@@ -6,7 +6,6 @@ takes typed, explicit arguments.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
 from selfdestruct.data.synthetic import WorldConfig
-from selfdestruct.errors import FieldError, UserError
+from selfdestruct.errors import UserError, build_config
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions
@@ -36,14 +35,7 @@ def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] =
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     for name in drop:
         values.pop(name, None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**values)
-    except FieldError as err:
-        raise err.under(key) from None
+    return build_config(cls, values, key)
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -156,8 +148,9 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
         raise UserError(f"defense={node.name}: defense.optim is missing (the optimiser of the defense stage)")
     from selfdestruct.pipeline.defense import parse_params
 
-    parse_params(str(node.name), params)  # every defense parameter checked before any work
-    return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name))
+    parsed = parse_params(str(node.name), params)  # every defense parameter checked before any work, once
+    return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
+                       parsed=parsed)
 
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
@@ -166,8 +159,9 @@ def check_stages(cfg: DictConfig) -> DefenseSpec:
     return defense_spec(cfg)
 
 
-def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path) -> Path:
-    """Base → alignment → defense, each stage built once per configuration and shared through the cache."""
+def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
+    """Base → alignment → defense, each stage built once per configuration and shared through the cache; ``spec``
+    is :func:`check_stages`' result (checked again from ``cfg`` when not given)."""
     trainer_cfg = trainer_config(cfg)
     fmt = prompt_format(cfg)
     cache = cache_root(cfg)
@@ -188,9 +182,9 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path) ->
     def evaluate(model, tokenizer, stage: str):
         return evaluator(cfg, tokenizer, bundle)(model, stage)
 
-    spec = defense_spec(cfg)
+    spec = spec or defense_spec(cfg)
     if spec.name != "sft" and "fsdp" in str(cfg.trainer.strategy):
-        raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: SEAM and CTRAP need "
+        raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: the defenses need "
                         "whole gradients on every rank; use trainer=ddp (sharded training is for SFT and attacks)")
     return defended_model_dir(aligned, bundle, spec, trainer_cfg, cache, seed, fmt, evaluate, loggers, run_dir, load)
 

@@ -36,10 +36,10 @@ def defend(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
         return done
     cc.check_launch(cfg)
-    cc.check_stages(cfg)  # every config group checked before any work
+    spec = cc.check_stages(cfg)  # every config group checked before any work
     bundle = cc.data_bundle(cfg)
     loggers = cc.job_loggers(cfg, run_dir)
-    defended = cc.defended_dir(cfg, bundle, loggers, run_dir)
+    defended = cc.defended_dir(cfg, bundle, loggers, run_dir, spec)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, tokenizer = load_model_dir(defended, key="defended model")
     pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "defended")

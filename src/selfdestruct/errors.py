@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -54,3 +55,16 @@ def check_choice(obj: Any, field: str, choices: Iterable[str]) -> None:
     value = getattr(obj, field)
     if value not in choices:
         raise FieldError(field, value, f"expected one of {', '.join(choices)}")
+
+
+def build_config(cls, values: dict[str, Any], key: str):
+    """``cls(**values)`` for a config dataclass; an unknown field or a bad value is a :class:`UserError` naming
+    ``key.field`` (nothing is ignored)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise err.under(key) from None

@@ -28,6 +28,34 @@ TensorList = list[torch.Tensor]
 ReduceFn = Callable[[TensorList], None]
 
 
+ADAPTERS = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class AdapterParams:
+    """Which parameters a defense trains: LoRA adapters (merged into the weights when the model is saved) or all.
+
+    The base of the parameter dataclass of every defense that offers both; the defaults are the published CTRAP
+    code's, which trains its method and every baseline with these adapters (train.py: r 32, lora_alpha 4, dropout
+    0, q/k/v projections).
+    """
+
+    adapter: str = "lora"  # lora | full
+    lora_rank: int = 32
+    lora_alpha: int = 4
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        from selfdestruct.errors import check_choice, check_number
+
+        check_choice(self, "adapter", ADAPTERS)
+        check_number(self, "lora_rank", low=1, integer=True)
+        check_number(self, "lora_alpha", low=0.0, low_open=True)
+        check_number(self, "lora_dropout", low=0.0, high=0.99)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+
 class NonFiniteGradientError(ValueError):
     """A gradient, a gradient estimate or a loss became NaN/inf: the step must stop before the model is saved."""
 
@@ -199,6 +227,15 @@ def pooled(
     return out
 
 
+def average_grads(reduce_fn: ReduceFn | None, params: Sequence[torch.nn.Parameter]) -> None:
+    """The one average of a step's gradient across data-parallel ranks (none without ``reduce_fn``).
+
+    Lightning's DDP reducer is not armed in manual optimisation, so this is the only gradient average of a step.
+    """
+    if reduce_fn is not None:
+        reduce_fn([p.grad for p in params if p.grad is not None])
+
+
 def scaled(loss: torch.Tensor, weight: float) -> torch.Tensor:
     """``weight``·loss (a rank's token weight); the loss itself for weight 1, so one process computes exactly
     what it computed without data parallelism."""
@@ -317,6 +354,65 @@ def token_ce(model: torch.nn.Module, batch: dict[str, torch.Tensor], token_id: i
     sel = select_labels(batch["labels"])
     sel = TokenSelection(sel.batch_idx, sel.pos_idx, torch.full_like(sel.targets, token_id))
     return rows_ce(rows(forward(model, batch).logits, sel), sel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hidden activations: reading and perturbing the outputs of chosen modules
+# --------------------------------------------------------------------------------------------------------------
+
+
+def modules_named(model: torch.nn.Module, suffix: str) -> list[torch.nn.Module]:
+    """The modules whose class name ends with ``suffix``, in forward order ("Attention": every decoder layer's
+    self-attention, "MLP": every feed-forward block, for the Hugging Face decoder families)."""
+    found = [m for m in model.modules() if type(m).__name__.endswith(suffix)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no module whose class name ends with {suffix!r}")
+    return found
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def captured_outputs(modules: Sequence[torch.nn.Module]) -> Iterator[list]:
+    """Collect each module's output (the hidden state, first of a tuple) of the forward passes run in the block;
+    the list holds the last pass's outputs, still in the autograd graph."""
+    outputs: list = [None] * len(modules)
+
+    def hook(i):
+        def store(_module, _inputs, output):
+            outputs[i] = _first(output)
+
+        return store
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def added_to_outputs(modules: Sequence[torch.nn.Module], deltas: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Add ``deltas[i]`` (held constant) to the hidden-state output of ``modules[i]`` in every forward pass of
+    the block."""
+
+    def hook(delta):
+        def add(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (output[0] + delta, *output[1:])
+            return output + delta
+
+        return add
+
+    handles = [m.register_forward_hook(hook(d)) for m, d in zip(modules, deltas, strict=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from selfdestruct.errors import FieldError, check_choice, check_number
 from selfdestruct.objectives.common import (
+    AdapterParams,
     NonFiniteGradientError,
     ReduceFn,
     TensorList,
     add_gradient,
     add_to_grads,
+    average_grads,
     check_finite,
     displaced,
     eager_attention,
@@ -44,6 +47,49 @@ LOOKAHEADS = ("sgd", "sign", "adam")
 NORM_EPS = 1e-7  # θ' = θ − a·g_h/(‖g_h‖ + 1e-7), as in the published code
 GRADIENTS = ("first_order", "exact")
 COLLAPSE_RULES = ("published", "first")
+CTRAP_DATA = ("retain", "align_general")
+
+
+@dataclass(frozen=True)
+class CtrapParams(AdapterParams):
+    """CTRAP's hyper-parameters and data sizes: ``params`` of ``conf/defense/ctrap.yaml``, where each value's source
+    is. The one declaration of every CTRAP setting, passed whole from the config to the module to
+    :func:`ctrap_step`. The adapter fields (LoRA by default, as published) are :class:`AdapterParams`'."""
+
+    lam: float = 0.1  # λ, weight of the collapse loss at the look-ahead point
+    step_size: float = 0.1  # a, length of the simulated harmful step
+    normalize_step: bool = True  # θ − a·g_h/(‖g_h‖ + 1e-7) (published) | θ − a·g_h
+    gradient: str = "first_order"  # first_order (published) | exact (double backward)
+    lookahead: str = "sgd"  # sgd (published) | sign | adam
+    radii: list[float] | None = None  # several step sizes whose collapse gradients are averaged; None = [step_size]
+    unroll_steps: int = 1  # simulated attack steps (published: 1)
+    adam_beta2: float = 0.999  # decay of the running E[g_h²] of lookahead=adam
+    collapse_word: str = "error"
+    collapse_token: str = "published"  # published: last token of "an error" | first: first token of " error"
+    measure_lookahead: bool = True  # also log the harmful loss at θ' (one forward pass, not part of the objective)
+    data: str = "retain"  # retain (published) | align_general (beyond the paper)
+    num_samples: int | None = None  # harmful examples; None = the whole defense pool
+    num_align: int | None = None  # retain: refusal/helpful pairs; align_general: alignment examples; None = all
+    num_general: int | None = None  # align_general only: examples for the collapse loss; None = all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choices = {"gradient": GRADIENTS, "lookahead": LOOKAHEADS, "data": CTRAP_DATA,
+                   "collapse_token": COLLAPSE_RULES}
+        for key, allowed in choices.items():
+            check_choice(self, key, allowed)
+        check_number(self, "lam")
+        check_number(self, "step_size", low=0.0, low_open=True)
+        check_number(self, "unroll_steps", low=1, integer=True)
+        check_number(self, "adam_beta2", low=0.0, high=1.0, low_open=True)
+        for name in ("num_samples", "num_align", "num_general"):
+            check_number(self, name, low=1, integer=True, optional=True)
+        if self.radii is not None and (not self.radii or not all(isinstance(r, (int, float)) and r > 0
+                                                                 for r in self.radii)):
+            raise FieldError("radii", self.radii, "expected null or a non-empty list of positive step sizes")
+        if self.data == "retain" and self.num_general is not None:
+            raise FieldError("num_general", self.num_general, "with data=retain the collapse loss is planted on the "
+                             "retain batch itself (set num_align, or data=align_general)")
 
 
 def collapse_token_id(tokenizer, word: str = "error", rule: str = "published") -> int:
@@ -160,17 +206,10 @@ def ctrap_step(
     align: Batch,
     harmful: Batch,
     general: Batch,
+    p: CtrapParams = CtrapParams(),
     *,
     token_id: int,
-    lam: float = 0.1,
-    step_size: float = 0.1,
-    normalize_step: bool = True,
-    gradient_mode: str = "first_order",
-    lookahead: str = "sgd",
-    radii: Sequence[float] | None = None,
-    unroll_steps: int = 1,
     second_moment: SecondMoment | None = None,
-    measure_lookahead: bool = False,
     reduce_fn: ReduceFn | None = None,
 ) -> dict[str, float]:
     """Accumulate ∇ℓ(θ; D_align) + λ·∇_θ ℓ_col(θ'; D_gen) into ``p.grad``; return the step's stats.
@@ -180,6 +219,8 @@ def ctrap_step(
     first_order uses ∇ℓ_col(θ') as the gradient at θ; exact adds −a·∇_θ⟨∇ℓ_col(θ'), d(θ)⟩ by double backward
     (lookahead "sgd", one step, single process). Extra memory: g_h and one saved copy of the weights,
     restored bit-for-bit. ``measure_lookahead`` also measures the harmful loss at θ' (one more forward pass).
+    ``token_id`` is the collapse token e (:func:`collapse_token_id`), ``second_moment`` the running E[g_h²] of
+    lookahead "adam", kept by the caller across steps.
     ``reduce_fn`` averages tensors across data-parallel ranks in place (applied to each harmful gradient that
     defines a step, and to ``.grad`` at the end). With :data:`selfdestruct.objectives.common.all_reduce_mean`
     (anything with a ``mean_values`` method) each rank also weights its three CEs by its share of the tokens and
@@ -191,95 +232,143 @@ def ctrap_step(
     loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1 loss_harmful_unrolled (the harmful loss
     where the last simulated step starts).
     """
-    if gradient_mode not in GRADIENTS:
-        raise ValueError(f"gradient_mode={gradient_mode!r}: expected one of {GRADIENTS}")
-    if unroll_steps < 1:
-        raise ValueError(f"unroll_steps={unroll_steps}: at least one simulated step")
-    exact = gradient_mode == "exact"
-    if exact and (lookahead != "sgd" or unroll_steps != 1 or reduce_fn is not None):
-        raise ValueError("gradient_mode='exact' supports lookahead='sgd', unroll_steps=1 and one process only")
-    radii = [step_size] if radii is None else [float(r) for r in radii]
-    if not radii:
-        raise ValueError("radii must name at least one step size")
+    _check_mode(p, reduce_fn)
     params = trainable_parameters(model)
-    weight = lam / len(radii)
-    device = params[0].device if params else torch.device("cpu")
     counts = [select_labels(b["labels"]).count for b in (harmful, general, align)]
+    weights = _token_weights(reduce_fn, params, counts)
+    harmful_loss, norm_h, step = _simulated_attack_step(model, params, harmful, p, second_moment, reduce_fn,
+                                                        weights.harmful)
+    trace = _add_collapse_gradients(model, params, harmful, general, step, p, token_id, second_moment, reduce_fn,
+                                    weights)
+    del step
+    if p.gradient == "exact":  # −λ·∇_θ ⟨pull, d(θ)⟩ with pull held constant: the part of the chain rule through g_h
+        _add_exact_correction(model, params, harmful, trace.pull, p)
+    align_loss = response_ce(model, align)
+    add_gradient(align_loss, params, weights.align)
+    average_grads(reduce_fn, params)
+    stats = _ctrap_stats(value(align_loss), value(harmful_loss), norm_h, trace, counts, p, reduce_fn, params)
+    check_finite("CTRAP", params, **stats)
+    return stats
 
-    harmful_loss = response_ce(model, harmful)
-    # Data parallelism: each CE is a mean over this rank's tokens; scaling it by the rank's token share makes the
-    # rank average of the gradients the gradient over all tokens (see common.pooled). g_h is averaged before it is
-    # normalised and stepped along, so every rank reaches the same θ'; ℓ_col(θ') and ℓ(D_align) are averaged with
-    # .grad at the end (linear, no extra communication).
+
+def _check_mode(p: CtrapParams, reduce_fn: ReduceFn | None) -> None:
+    if p.gradient == "exact" and (p.lookahead != "sgd" or p.unroll_steps != 1 or reduce_fn is not None):
+        raise ValueError("gradient='exact' supports lookahead='sgd', unroll_steps=1 and one process only")
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """This rank's token weights of the harmful, collapse and alignment CEs (1 without data parallelism).
+
+    Each CE is a mean over this rank's tokens; scaling it by the rank's token share makes the rank average of the
+    gradients the gradient over all tokens (see common.pooled)."""
+
+    harmful: float = 1.0
+    collapse: float = 1.0
+    align: float = 1.0
+
+
+def _token_weights(reduce_fn: ReduceFn | None, params, counts: list[int]) -> _Weights:
+    device = params[0].device if params else torch.device("cpu")
     pool = pooled(reduce_fn, device, [(n, 0.0) for n in counts])
-    w_h, w_col, w_align = (1.0, 1.0, 1.0) if pool is None else (w for w, _ in pool)
+    return _Weights() if pool is None else _Weights(*(w for w, _ in pool))
+
+
+def _simulated_attack_step(model, params, harmful: Batch, p: CtrapParams, second_moment: SecondMoment | None,
+                           reduce_fn: ReduceFn | None, w_h: float) -> tuple[torch.Tensor, float, Lookahead]:
+    """ℓ(θ; D_adv), ‖g_h‖ and the simulated attacker's step. g_h is averaged across ranks before it is normalised
+    and stepped along, so every rank reaches the same θ'."""
+    harmful_loss = response_ce(model, harmful)
     grads = gradient(scaled(harmful_loss, w_h), params)
     if reduce_fn is not None:
         reduce_fn(grads)
     norm_h = norm(grads)
-    if second_moment is not None and lookahead == "adam":
+    if second_moment is not None and p.lookahead == "adam":
         second_moment.update(grads)
-    step = lookahead_step(grads, lookahead, normalize_step, second_moment)
-    del grads
+    return harmful_loss, norm_h, lookahead_step(grads, p.lookahead, p.normalize_step, second_moment)
 
-    collapse, after, trail = [], [], []
-    pull = [torch.zeros_like(p) for p in params] if exact else None  # Σ_r (r/R)·∇ℓ_col(θ'_r)
+
+@dataclass
+class _CollapseTrace:
+    """What the look-ahead points gave: ℓ_col, the harmful loss at θ' and where the last step started (per radius),
+    and, for the exact gradient, pull = Σ_r (r/R)·∇ℓ_col(θ'_r)."""
+
+    collapse: list[float]
+    after: list[float]
+    trail: list[float]
+    pull: TensorList | None
+
+
+def _add_collapse_gradients(model, params, harmful: Batch, general: Batch, step: Lookahead, p: CtrapParams,
+                            token_id: int, second_moment: SecondMoment | None, reduce_fn: ReduceFn | None,
+                            weights: _Weights) -> _CollapseTrace:
+    """λ/R · Σ_r ∇ℓ_col(θ'_r; D_gen) into ``.grad``, θ'_r reached with step size r; the weights are restored."""
+    radii = [p.step_size] if p.radii is None else [float(r) for r in p.radii]
+    weight = p.lam / len(radii)
+    exact = p.gradient == "exact"
+    trace = _CollapseTrace([], [], [], [torch.zeros_like(q) for q in params] if exact else None)
     with displaced(params) as restore:
         for radius in radii:
             shift_(params, step.direction, -radius * step.scale)
-            for j in range(1, unroll_steps):
-                loss_j = response_ce(model, harmful)
-                if j == unroll_steps - 1:
-                    trail.append(value(loss_j))
-                g_j = gradient(scaled(loss_j, w_h), params)
-                if reduce_fn is not None:
-                    reduce_fn(g_j)
-                s_j = lookahead_step(g_j, lookahead, normalize_step, second_moment)
-                shift_(params, s_j.direction, -radius * s_j.scale)
-                del g_j, s_j
-            if measure_lookahead:
+            _unroll(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful, trace)
+            if p.measure_lookahead:
                 with torch.no_grad():
-                    after.append(value(response_ce(model, harmful)))
+                    trace.after.append(value(response_ce(model, harmful)))
             col = collapse_loss(model, general, token_id)
-            collapse.append(value(col))
+            trace.collapse.append(value(col))
             if exact:
                 v = gradient(col, params)
                 add_to_grads(params, v, weight)
-                for acc, vi in zip(pull, v):
+                for acc, vi in zip(trace.pull, v):
                     acc.add_(vi, alpha=radius / len(radii))
                 del v
             else:
-                add_gradient(col, params, weight * w_col)
+                add_gradient(col, params, weight * weights.collapse)
             restore()
-    del step
+    return trace
 
-    if exact:  # −λ·∇_θ ⟨pull, d(θ)⟩ with pull held constant: the part of the chain rule through g_h
-        with eager_attention(model):
-            g_h = gradient(response_ce(model, harmful), params, create_graph=True)
-            inner = sum((a * g).sum() for a, g in zip(pull, g_h))
-            if normalize_step:
-                inner = inner / torch.sqrt(sum((g * g).sum() for g in g_h))
-            add_gradient(inner, params, -lam)
-        del pull, g_h, inner
 
-    align_loss = response_ce(model, align)
-    add_gradient(align_loss, params, w_align)
-    if reduce_fn is not None:
-        # the one average of the step's gradient (Lightning's DDP reducer is not armed in manual optimisation)
-        reduce_fn([p.grad for p in params if p.grad is not None])
+def _unroll(model, params, harmful: Batch, radius: float, p: CtrapParams, second_moment: SecondMoment | None,
+            reduce_fn: ReduceFn | None, w_h: float, trace: _CollapseTrace) -> None:
+    """Simulated attack steps 2..unroll_steps, each on the harmful gradient where the previous one ended."""
+    for j in range(1, p.unroll_steps):
+        loss_j = response_ce(model, harmful)
+        if j == p.unroll_steps - 1:
+            trace.trail.append(value(loss_j))
+        g_j = gradient(scaled(loss_j, w_h), params)
+        if reduce_fn is not None:
+            reduce_fn(g_j)
+        s_j = lookahead_step(g_j, p.lookahead, p.normalize_step, second_moment)
+        shift_(params, s_j.direction, -radius * s_j.scale)
+        del g_j, s_j
 
-    loss_align, loss_harmful = value(align_loss), value(harmful_loss)
+
+def _add_exact_correction(model, params, harmful: Batch, pull: TensorList, p: CtrapParams) -> None:
+    """−λ·∇_θ⟨pull, d(θ)⟩, d = g_h (or g_h/‖g_h‖), by double backward with eager attention."""
+    with eager_attention(model):
+        g_h = gradient(response_ce(model, harmful), params, create_graph=True)
+        inner = sum((a * g).sum() for a, g in zip(pull, g_h))
+        if p.normalize_step:
+            inner = inner / torch.sqrt(sum((g * g).sum() for g in g_h))
+        add_gradient(inner, params, -p.lam)
+
+
+def _ctrap_stats(loss_align: float, loss_harmful: float, norm_h: float, trace: _CollapseTrace, counts: list[int],
+                 p: CtrapParams, reduce_fn: ReduceFn | None, params) -> dict[str, float]:
+    """The step's stats; with a pooling ``reduce_fn`` every rank reports the values on the whole batch."""
+    collapse, after, trail = trace.collapse, trace.after, trace.trail
     n_h, n_col, n_align = counts
+    device = params[0].device if params else torch.device("cpu")
     pool = pooled(reduce_fn, device, [(n_align, loss_align), (n_h, loss_harmful)]
                   + [(n_col, c) for c in collapse] + [(n_h, a) for a in after] + [(n_h, t) for t in trail])
-    if pool is not None:  # every rank reports the values on the whole batch
+    if pool is not None:
         values = [v for _, v in pool]
         loss_align, loss_harmful = values[0], values[1]
         collapse, values = values[2 : 2 + len(collapse)], values[2 + len(collapse) :]
         after, trail = values[: len(after)], values[len(after) :]
     collapse_mean = sum(collapse) / len(collapse)
     stats = {
-        "loss": loss_align + lam * collapse_mean,
+        "loss": loss_align + p.lam * collapse_mean,
         "loss_align": loss_align,
         "loss_harmful": loss_harmful,
         "loss_collapse": collapse_mean,
@@ -289,5 +378,4 @@ def ctrap_step(
         stats["loss_harmful_lookahead"] = sum(after) / len(after)
     if trail:
         stats["loss_harmful_unrolled"] = sum(trail) / len(trail)
-    check_finite("CTRAP", params, **stats)
     return stats

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from selfdestruct.errors import check_choice, check_number
 from selfdestruct.objectives.common import (
     IGNORE_INDEX,
     LOW_PRECISION,
@@ -30,6 +31,7 @@ from selfdestruct.objectives.common import (
     TokenSelection,
     add_gradient,
     add_to_grads,
+    average_grads,
     check_finite,
     displaced,
     dot,
@@ -51,6 +53,32 @@ from selfdestruct.objectives.common import (
 
 Batch = dict[str, torch.Tensor]
 ESTIMATORS = ("forward", "central", "exact")
+
+
+@dataclass(frozen=True)
+class SeamParams:
+    """SEAM's hyper-parameters and data sizes: ``params`` of ``conf/defense/seam.yaml``, where each value's source is.
+
+    The one declaration of every SEAM setting: the config is checked against it, the stage passes it whole to the
+    shared defense module, which passes it to :func:`seam_step`.
+    """
+
+    alpha: float = 1.0  # α, weight of L_up
+    beta: float = 0.01  # β, weight of L_sd = cos(g_a, g_b)
+    eps: float = 1e-3  # ε, finite-difference radius of the Hessian-free estimate
+    estimator: str = "forward"  # forward | central | exact
+    official_masking: bool = False  # the published loss masks instead of the response-token labels
+    benign_weight: float = 0.0  # γ, benign cross-entropy added to utility preservation (beyond the paper)
+    num_samples: int | None = None  # harmful/refusal pairs; None = the whole defense pool
+    num_benign: int | None = None  # benign examples; None = as many as num_samples (the official code)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "benign_weight"):
+            check_number(self, name)
+        check_number(self, "eps", low=0.0, low_open=True)
+        check_choice(self, "estimator", ESTIMATORS)
+        check_number(self, "num_samples", low=1, integer=True, optional=True)
+        check_number(self, "num_benign", low=1, integer=True, optional=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,8 +157,10 @@ def seam_selections(
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder's last normalisation layer, applied to every hidden state by the logit lens."""
-    base = model.base_model
+    """The decoder's last normalisation layer, applied to every hidden state by the logit lens (through peft's
+    LoRA wrapper too)."""
+    plain = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = plain.base_model
     for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
         module = getattr(base, name, None)
         if isinstance(module, torch.nn.Module):
@@ -299,19 +329,19 @@ def sd_gradient(
     model: torch.nn.Module,
     harmful: Batch,
     benign: Batch,
+    p: SeamParams = SeamParams(),
     *,
-    eps: float = 1e-3,
-    estimator: str = "forward",
     refusal: Batch | None = None,
-    official_masking: bool = False,
 ) -> tuple[TensorList, dict[str, float]]:
     """∇L_sd = ∇cos(g_a, g_b) alone (estimated or exact), e.g. to check the estimator; ``.grad`` is untouched.
 
-    Returns one tensor per trainable parameter and {"norm_a", "norm_b", "cos"}.
+    Uses ``p.eps``, ``p.estimator`` and ``p.official_masking``. Returns one tensor per trainable parameter and
+    {"norm_a", "norm_b", "cos"}.
     """
+    eps, estimator = p.eps, p.estimator
     _check_estimator(estimator, eps)
     params = trainable_parameters(model)
-    sels = seam_selections(harmful, benign, refusal, official_masking)
+    sels = seam_selections(harmful, benign, refusal, p.official_masking)
     exact = estimator == "exact"
     with stashed_grads(params), eager_attention(model) if exact else nullcontext():
         ga = gradient(masked_ce(model, harmful, sels.harmful), params, create_graph=exact)
@@ -379,13 +409,8 @@ def seam_step(
     harmful: Batch,
     refusal: Batch,
     benign: Batch,
+    p: SeamParams = SeamParams(),
     *,
-    alpha: float = 1.0,
-    beta: float = 0.01,
-    eps: float = 1e-3,
-    estimator: str = "forward",
-    official_masking: bool = False,
-    benign_weight: float = 0.0,
     reduce_fn: ReduceFn | None = None,
 ) -> dict[str, float]:
     """Accumulate ∇L_ul + α∇L_up + β·(∇L_sd estimate) [+ γ∇CE(benign)] into ``p.grad``; return the step's stats.
@@ -406,68 +431,101 @@ def seam_step(
     Stats: loss (the objective's value), loss_ul, s_ul (the S inside L_ul), loss_up, loss_sd (= cos),
     ce_harmful (the loss of g_a), ce_benign (the loss of g_b), norm_a, norm_b, cos.
     """
-    _check_estimator(estimator, eps)
-    exact = estimator == "exact"
+    _check_estimator(p.estimator, p.eps)
+    exact = p.estimator == "exact"
     if exact and reduce_fn is not None:
         raise ValueError("estimator='exact' is single-process only (double backward through per-rank gradients)")
     params = trainable_parameters(model)
-    device = params[0].device if params else torch.device("cpu")
-    sels = seam_selections(harmful, benign, refusal, official_masking)
+    sels = seam_selections(harmful, benign, refusal, p.official_masking)
     with eager_attention(model) if exact else nullcontext():
-        ul = unlearning_terms(model, harmful, sels.harmful)
-        s_ul, ce_harmful, loss_ul = value(ul.s), value(ul.attack_ce), value(ul.loss)
-        # Data parallelism: L_ul is nonlinear in S, so the rank-average of per-rank ∇L_ul is not ∇L_ul of the
-        # whole batch. Pool S over every rank's harmful tokens first, then apply dL_ul/dS = −1/(S + L+1) at the
-        # pooled S to this rank's token-weighted ∇S; the final average of .grad completes the exact gradient.
-        pool = pooled(reduce_fn, device, [(sels.harmful.count, s_ul), (sels.harmful.count, ce_harmful),
-                                          (sels.refusal.count, 0.0), (sels.benign.count, 0.0)])
-        w_h = w_up = w_b = 1.0
-        if pool is not None:
-            (w_h, s_ul), (_, ce_harmful), (w_up, _), (w_b, _) = pool
-            loss_ul = -math.log(s_ul / ul.num_hidden_states + 1.0)
-        ga = gradient(scaled(ul.attack_ce, w_h), params, retain_graph=True, create_graph=exact)
-        if pool is None:
-            add_gradient(ul.loss, params, 1.0, retain_graph=exact)
-        else:
-            add_gradient(ul.s, params, -w_h / (s_ul + ul.num_hidden_states))
+        ul, ga = _add_unlearning(model, params, harmful, sels, reduce_fn, exact)  # ∇L_ul, and g_a
         up = masked_ce(model, refusal, sels.refusal)
-        if alpha != 0.0:
-            add_gradient(up, params, alpha * w_up)
+        if p.alpha != 0.0:
+            add_gradient(up, params, p.alpha * ul.w_up)  # α∇L_up
         ce_b = masked_ce(model, benign, sels.benign)
-        gb = gradient(scaled(ce_b, w_b), params, create_graph=exact)
-        ga_s, gb_s = snapshot(ga), snapshot(gb)
-        if benign_weight != 0.0:
-            add_to_grads(params, gb_s, benign_weight)  # this rank's share; averaged with .grad at the end
-        if reduce_fn is not None:
-            # g_a and g_b define the cosine, the norms and the perturbation: global averages, identical everywhere
-            reduce_fn(ga_s)
-            reduce_fn(gb_s)
-        coupling = Coupling.of(ga_s, gb_s)
-        coupling.check()
-        if beta != 0.0:
-            if not exact:
-                ga, gb = ga_s, gb_s  # drop the references to the raw autograd outputs
-            _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, coupling, eps, estimator, beta,
-                                   (w_h, w_b))
-        del ga, gb, ga_s, gb_s
+        gb = gradient(scaled(ce_b, ul.w_b), params, create_graph=exact)  # g_b
+        coupling = _add_coupling(model, params, harmful, benign, sels, ga, gb, p, reduce_fn, (ul.w_h, ul.w_b))
+        del ga, gb
+    average_grads(reduce_fn, params)
+    stats = _seam_stats(ul, value(up), value(ce_b), coupling, sels, p, reduce_fn, params)
+    check_finite("SEAM", params, **{k: v for k, v in stats.items() if k != "loss_sd"})
+    return stats
+
+
+@dataclass
+class _Unlearning:
+    """L_ul's values on the whole batch (pooled across ranks) and this rank's token weights of the three CEs."""
+
+    loss_ul: float
+    s_ul: float
+    ce_harmful: float
+    w_h: float = 1.0
+    w_up: float = 1.0
+    w_b: float = 1.0
+
+
+def _add_unlearning(model, params, harmful: Batch, sels: SeamSelections, reduce_fn: ReduceFn | None,
+                    exact: bool) -> tuple[_Unlearning, TensorList]:
+    """Add ∇L_ul to ``.grad``; return L_ul's values and g_a = ∇CE(harmful), both from one forward pass.
+
+    Data parallelism: L_ul is nonlinear in S, so the rank-average of per-rank ∇L_ul is not ∇L_ul of the whole
+    batch. S is pooled over every rank's harmful tokens first, then dL_ul/dS = −1/(S + L+1) at the pooled S is
+    applied to this rank's token-weighted ∇S; the final average of ``.grad`` completes the exact gradient.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    terms = unlearning_terms(model, harmful, sels.harmful)
+    ul = _Unlearning(loss_ul=value(terms.loss), s_ul=value(terms.s), ce_harmful=value(terms.attack_ce))
+    pool = pooled(reduce_fn, device, [(sels.harmful.count, ul.s_ul), (sels.harmful.count, ul.ce_harmful),
+                                      (sels.refusal.count, 0.0), (sels.benign.count, 0.0)])
+    if pool is not None:
+        (ul.w_h, ul.s_ul), (_, ul.ce_harmful), (ul.w_up, _), (ul.w_b, _) = pool
+        ul.loss_ul = -math.log(ul.s_ul / terms.num_hidden_states + 1.0)
+    ga = gradient(scaled(terms.attack_ce, ul.w_h), params, retain_graph=True, create_graph=exact)
+    if pool is None:
+        add_gradient(terms.loss, params, 1.0, retain_graph=exact)
+    else:
+        add_gradient(terms.s, params, -ul.w_h / (ul.s_ul + terms.num_hidden_states))
+    return ul, ga
+
+
+def _add_coupling(model, params, harmful: Batch, benign: Batch, sels: SeamSelections, ga: TensorList,
+                  gb: TensorList, p: SeamParams, reduce_fn: ReduceFn | None,
+                  weights: tuple[float, float]) -> Coupling:
+    """[γ·g_b +] β·∇cos(g_a, g_b) into ``.grad``; return ‖g_a‖, ‖g_b‖ and cos of the rank-averaged g_a, g_b."""
+    exact = p.estimator == "exact"
+    ga_s, gb_s = snapshot(ga), snapshot(gb)
+    if p.benign_weight != 0.0:
+        add_to_grads(params, gb_s, p.benign_weight)  # this rank's share; averaged with .grad at the end
     if reduce_fn is not None:
-        # the one average of the step's gradient (Lightning's DDP reducer is not armed in manual optimisation)
-        reduce_fn([p.grad for p in params if p.grad is not None])
-    loss_up, ce_benign = value(up), value(ce_b)
+        # g_a and g_b define the cosine, the norms and the perturbation: global averages, identical everywhere
+        reduce_fn(ga_s)
+        reduce_fn(gb_s)
+    coupling = Coupling.of(ga_s, gb_s)
+    coupling.check()
+    if p.beta != 0.0:
+        if not exact:
+            ga, gb = ga_s, gb_s  # drop the references to the raw autograd outputs
+        _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, coupling, p.eps, p.estimator, p.beta,
+                               weights)
+    return coupling
+
+
+def _seam_stats(ul: _Unlearning, loss_up: float, ce_benign: float, coupling: Coupling, sels: SeamSelections,
+                p: SeamParams, reduce_fn: ReduceFn | None, params) -> dict[str, float]:
+    """The step's stats, every rank's values pooled into the whole batch's when ``reduce_fn`` can pool."""
+    device = params[0].device if params else torch.device("cpu")
     pool = pooled(reduce_fn, device, [(sels.refusal.count, loss_up), (sels.benign.count, ce_benign)])
     if pool is not None:
         (_, loss_up), (_, ce_benign) = pool
-    stats = {
-        "loss": loss_ul + alpha * loss_up + beta * coupling.cos + benign_weight * ce_benign,
-        "loss_ul": loss_ul,
-        "s_ul": s_ul,
+    return {
+        "loss": ul.loss_ul + p.alpha * loss_up + p.beta * coupling.cos + p.benign_weight * ce_benign,
+        "loss_ul": ul.loss_ul,
+        "s_ul": ul.s_ul,
         "loss_up": loss_up,
         "loss_sd": coupling.cos,
-        "ce_harmful": ce_harmful,
+        "ce_harmful": ul.ce_harmful,
         "ce_benign": ce_benign,
         "norm_a": coupling.norm_a,
         "norm_b": coupling.norm_b,
         "cos": coupling.cos,
     }
-    check_finite("SEAM", params, **{k: v for k, v in stats.items() if k != "loss_sd"})
-    return stats

@@ -7,6 +7,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, Logger
@@ -154,6 +155,7 @@ class DefenseSpec:
     params: dict = dataclasses.field(default_factory=dict)
     optim: OptimConfig | None = None
     label: str = ""  # how reports name it (e.g. "seam-tuned"); the method's name when empty
+    parsed: Any = None  # ``params`` as the defense's parameter dataclass, parsed once when the config is checked
 
     @property
     def display_name(self) -> str:
@@ -182,8 +184,9 @@ def defended_model_dir(aligned_dir: Path, bundle: DataBundle, defense: DefenseSp
             from selfdestruct.pipeline.defense import apply_defense
 
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
-            model = apply_defense(model, tokenizer, bundle, defense.name, defense.params, defense.optim,
-                                  trainer_cfg, [csv, *(loggers or [])], run_dir or out, seed, fmt)
+            params = defense.parsed or defense.params
+            model = apply_defense(model, tokenizer, bundle, defense.name, params, defense.optim, trainer_cfg,
+                                  [csv, *(loggers or [])], run_dir or out, seed, fmt)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": seed, "aligned_metrics": aligned_metrics,
                       "aligned_model": str(aligned_dir), "key": key}
         save_model_dir(model, tokenizer, out / "model", provenance)
