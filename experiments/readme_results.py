@@ -112,6 +112,16 @@ def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
+def acceptance_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+    from selfdestruct.report import acceptance, build_report, collect
+
+    report = build_report(roots, collect(roots))
+    seeds = ", ".join(str(seed) for seed in report.seeds())
+    lines = [f"Held-out confirmation, seeds {seeds} (each seed separately; ratios to the SFT model of the same seed; "
+             "`python -m selfdestruct.report.acceptance`):", "", acceptance.markdown(acceptance.rows(report))]
+    return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
+
+
 def wall_time_text(path: Path) -> str:
     """``Wall time of README command 1 (...): N s.`` from quickstart.json or a quickstart log."""
     if path.is_dir():
@@ -129,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--basic", nargs="*", type=Path, default=[], help="quickstart --basic output directories")
     parser.add_argument("--grid", nargs="*", type=Path, default=[], help="full-demo or sweep directories")
+    parser.add_argument("--acceptance", nargs="*", type=Path, default=[],
+                        help="directories of a held-out confirmation (SFT and the defenses, same seeds): the per-seed "
+                             "table of selfdestruct.report.acceptance")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -145,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         table, metrics = grid_table(args.grid)
         lines += table + [""]
         everything += metrics
+    if args.acceptance:
+        table, metrics = acceptance_table(args.acceptance)
+        lines += table + [""]
+        everything += metrics
     if not everything:
-        parser.error("give --basic and/or --grid directories")
+        parser.error("give --basic, --grid and/or --acceptance directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

@@ -58,3 +58,8 @@ def test_generator_writes_medians_spreads_and_the_readme_block(tmp_path):
     assert "Test CPU" in text and "torch 2.13.0" in text and "seed 2, AVX2" in text
     new = readme.read_text()
     assert new.startswith("intro\n") and new.endswith("outro\n") and "old" not in new and text.strip() in new
+    # the held-out table: one row per seed and defense, with its no-win count over the attack cells
+    assert gen.main(["--acceptance", *map(str, dirs), "--out", str(out_md)]) == 0
+    held_out = out_md.read_text()
+    assert "Held-out confirmation, seeds 0, 1, 2" in held_out
+    assert all(f"| {seed} | sft | " in held_out for seed in range(3))
