@@ -130,6 +130,8 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             missing = max(0, self.budget - done)
             log.info("study %s: %d of %d trials done, running %d", self.study_name, done, self.budget, missing)
             self.job_idx = len(study.get_trials(deepcopy=False))  # job k runs trial k
+            # Written first too, so the report knows this directory for a search while it runs or once killed.
+            write_json_atomic(sweep_dir / SEARCH_FILE, study_summary(study, self.budget, sweep_dir))
             self.n_trials = missing
             if missing:
                 try:
