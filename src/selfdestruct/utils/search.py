@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from selfdestruct.utils.io import write_json_atomic
 
 log = logging.getLogger("selfdestruct.search")
+logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite storage's migrations log every plugin at INFO
 SEARCH_FILE = "search.json"
 LOCK_FILE = ".search.lock"
 INTERRUPTED = "interrupted"  # user attribute of a trial a killed search left running
