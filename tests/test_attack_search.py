@@ -112,7 +112,9 @@ def test_search_runs_trials_and_a_rerun_runs_only_the_missing_ones(tmp_path):
 
     third = _search(sweep, tmp_path, "hydra.sweeper.n_trials=3")
     assert "2 of 3 trials done, running 1" in third.stdout + third.stderr
-    assert sorted(_trial_dirs(sweep)) == [0, 1, 2] and len(_study(sweep).trials) == 3
+    trials = _study(sweep).trials
+    assert sorted(_trial_dirs(sweep)) == [0, 1, 2] and len(trials) == 3
+    assert trials[2].params not in (trials[0].params, trials[1].params)  # a resumed sampler does not start over
     assert {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps  # untouched
 
     # A killed search leaves a trial RUNNING: it is marked interrupted, does not count, and a new trial runs.

@@ -9,6 +9,8 @@ long search needs on top of it:
 - A trial left ``RUNNING`` by a killed search is marked failed with the user attribute ``interrupted`` and does not
   count against the budget (its configuration was never measured), so its place is taken by a new trial.
 - Job numbers continue the study's trial numbers, so trial ``k`` always runs in ``<sweep dir>/k``.
+- A resumed study reseeds the sampler with its seed plus the number of trials so far: a fresh sampler would draw
+  the very start-up trials it drew the first time, and the study would measure them twice.
 - ``conditional_params``: parameters searched only in trials that took one choice (LoRA's rank and alpha when
   ``attack=lora``), with their bounds in the sweep config like every other parameter.
 - One search per sweep directory at a time (a lock file), and ``search.json`` in the sweep directory: every trial
@@ -24,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from optuna.trial import TrialState
@@ -66,6 +69,14 @@ def parse_conditional(conditional: Mapping[str, Mapping[str, str]] | None) -> di
                              "(use choice(...), interval(...) or range(...))")
         parsed[(name.strip(), value.strip())] = distributions
     return parsed
+
+
+def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
+    """Seed ``sampler`` and its start-up sampler as if created with ``seed`` (Optuna 2.10's TPE and random samplers
+    keep their generator in ``_rng``; ``reseed_rng`` would draw a seed at random)."""
+    for part in (sampler, getattr(sampler, "_random_sampler", None)):
+        if part is not None and hasattr(part, "_rng"):
+            part._rng = np.random.RandomState(seed)
 
 
 @contextmanager
@@ -131,6 +142,9 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             missing = max(0, self.budget - done)
             log.info("study %s: %d of %d trials done, running %d", self.study_name, done, self.budget, missing)
             self.job_idx = len(study.get_trials(deepcopy=False))  # job k runs trial k
+            seed = self.config.hydra.sweeper.get("sampler", {}).get("seed")
+            if self.job_idx and seed is not None:
+                reseed(self.sampler, int(seed) + self.job_idx)
             # Written first too, so the report knows this directory for a search while it runs or once killed.
             write_json_atomic(sweep_dir / SEARCH_FILE, study_summary(study, self.budget, sweep_dir))
             self.n_trials = missing
