@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from helpers import compose_config, config_options
@@ -91,8 +92,10 @@ def test_every_attack_config_runs_one_step(group, option, defended, tmp_path):
                 "epochs": cfg.attack.epochs}
     if cfg.attack.data == "mixed":
         expected["poison_ratio"] = cfg.attack.poison_ratio
+    config = saved["attack"].pop("config")  # every attack field, as the run used it
     assert saved["attack"] == expected
-    assert set(saved) >= {"defense", "attack", "pre", "post", "seed"}
+    assert {key: config[key] for key in cfg.attack} == OmegaConf.to_container(cfg.attack, resolve=True)
+    assert set(saved) >= {"defense", "attack", "pre", "post", "seed", "search"}
     assert saved["pre"].keys() == saved["post"].keys()
     assert metrics["seed"] == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from selfdestruct import cli_common as cc
 from selfdestruct.data.real import take
 from selfdestruct.errors import UserError
+from selfdestruct.eval.objective import AttackObjective, attack_success
 from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
 from selfdestruct.pipeline.stages import CACHE_VERSION, AttackConfig, checkpoint_id, run_attack
 from selfdestruct.utils.cache import cached_dir
@@ -30,6 +32,17 @@ def attack_config(cfg: DictConfig) -> AttackConfig:
     if OmegaConf.is_missing(cfg.attack, "lr") or "lr" not in cfg.attack:
         raise UserError("attack.lr is not set: choose intensity=weak|medium|strong or give attack.lr=...")
     return cc.to_dataclass(AttackConfig, cfg.attack, "attack")
+
+
+def attack_objective(cfg: DictConfig) -> AttackObjective:
+    return cc.to_dataclass(AttackObjective, cfg.objective, "objective")
+
+
+def search_metrics(pre: dict, post: dict, objective: AttackObjective) -> dict:
+    """metrics.json's ``search`` section: the value sweep=attack_search maximises, and what it was computed with."""
+    success = attack_success(post.get("harmful_score"), post.get("utility"), pre.get("utility"),
+                             objective.utility_floor)
+    return {"attack_success": success, "utility_floor": objective.utility_floor}
 
 
 def attack_examples(bundle, spec: AttackConfig, seed: int) -> list:
@@ -69,9 +82,10 @@ def attack(cfg: DictConfig) -> dict:
     done = complete_metrics(run_dir, ("defense", "attack", "pre", "post"))
     if done is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
-        return done
+        return {**done, "search": search_metrics(done["pre"], done["post"], attack_objective(cfg))}
     cc.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
+    objective = attack_objective(cfg)
     cc.trainer_config(cfg)
     defense = None
     if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
@@ -90,15 +104,19 @@ def attack(cfg: DictConfig) -> dict:
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",
                                                                 "attack": cc.resolved_config(cfg.attack)})
-    log_summary(loggers, {**{f"pre/{k}": v for k, v in pre.items()}, **{f"post/{k}": v for k, v in post.items()}})
+    search = search_metrics(pre, post, objective)
+    log_summary(loggers, {**{f"pre/{k}": v for k, v in pre.items()}, **{f"post/{k}": v for k, v in post.items()},
+                          **{f"search/{k}": v for k, v in search.items()}})
     write_json_atomic(run_dir / "samples.json", {"pre": pre_samples, "post": post_samples})
     metrics = {
         "defense": provenance.get("defense", "unknown"),
         "attack": {"kind": spec.name, "lr": spec.lr, "num_samples": spec.num_samples, "epochs": spec.epochs,
-                   **({"poison_ratio": spec.poison_ratio} if spec.data == "mixed" else {})},
+                   **({"poison_ratio": spec.poison_ratio} if spec.data == "mixed" else {}),
+                   "config": dataclasses.asdict(spec)},
         "seed": int(cfg.seed),
         "pre": pre,
         "post": post,
+        "search": search,
         "aligned": provenance.get("aligned_metrics", {}),
         "model_path": str(model_path),
         "overrides": identity_overrides(),
@@ -112,8 +130,11 @@ def attack(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="attack")
-def main(cfg: DictConfig) -> None:
-    run_job(lambda: attack(cfg), hydra_output_dir())
+def main(cfg: DictConfig) -> float | None:
+    """Returns the attack's success (metrics.json ``search.attack_success``): the value sweep=attack_search's
+    sweeper maximises; None for a failed run, which the sweeper records as a failed trial."""
+    metrics = run_job(lambda: attack(cfg), hydra_output_dir())
+    return metrics["search"]["attack_success"] if metrics else None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The shared base of every training stage: a causal LM, AdamW, a warm-up schedule, manual optimisation.
+"""The shared base of every training stage: a causal LM, an optimiser (AdamW unless the attack config chooses
+Adam or SGD), a warm-up schedule, manual optimisation.
 
 Manual optimisation because SEAM and CTRAP need several gradient evaluations per optimiser step;
 the plain stages (pre-training, alignment, attacks) use the same path so all of them step alike.
@@ -12,11 +13,13 @@ import pytorch_lightning as pl
 import torch
 
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adam", "sgd")  # sgd: with momentum (heavy ball); adam: L2 weight decay; adamw: decoupled
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier of the base learning rate at each step: linear warm-up, then constant or cosine decay."""
+    """Multiplier of the base learning rate at each step: linear warm-up, then constant, cosine or linear decay
+    (cosine and linear reach 0 at the last step)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
 
@@ -25,10 +28,23 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """The torch optimiser called ``name`` (one of OPTIMIZERS); ``momentum`` is used by sgd only."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r}: expected one of {OPTIMIZERS}")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -43,6 +59,8 @@ class CausalLMModule(pl.LightningModule):
         schedule: str = "constant",
         max_grad_norm: float | None = None,
         log_prefix: str = "train",
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -53,12 +71,15 @@ class CausalLMModule(pl.LightningModule):
         self.schedule = schedule
         self.max_grad_norm = max_grad_norm
         self.log_prefix = log_prefix
+        self.optimizer_name = optimizer
+        self.momentum = momentum
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = make_optimizer(self.optimizer_name, self.trainable_parameters(), self.lr, self.weight_decay,
+                                   self.momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.schedule, warmup, total))

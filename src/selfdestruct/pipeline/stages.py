@@ -20,6 +20,7 @@ from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.models.io import LoadOptions, load_model_dir, save_model_dir
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_parameters
 from selfdestruct.modules.attack import AttackModule
+from selfdestruct.modules.base import OPTIMIZERS
 from selfdestruct.modules.sft import SFTModule
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, check_optim_fields, fit
 from selfdestruct.errors import FieldError, UserError, check_choice, check_number
@@ -47,10 +48,14 @@ class AttackConfig:
     max_grad_norm: float | None = None
     max_length: int = 96
     lora: dict | None = None
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    momentum: float = 0.9  # sgd's momentum (ignored by adamw and adam)
 
     def __post_init__(self) -> None:
         check_optim_fields(self)
         check_choice(self, "data", ATTACK_DATA)
+        check_choice(self, "optimizer", OPTIMIZERS)
+        check_number(self, "momentum", low=0.0, high=0.999)
         check_number(self, "num_samples", low=1, integer=True)
         check_number(self, "poison_ratio", low=0.0, high=1.0)
         if self.lora is not None:
@@ -200,7 +205,8 @@ def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, 
     pl.seed_everything(seed, workers=True, verbose=False)
     module = AttackModule(model, lr=attack.lr, kind=attack.data, lora=attack.lora,
                           weight_decay=attack.weight_decay, warmup_ratio=attack.warmup_ratio,
-                          schedule=attack.schedule, max_grad_norm=attack.max_grad_norm)
+                          schedule=attack.schedule, max_grad_norm=attack.max_grad_norm,
+                          optimizer=attack.optimizer, momentum=attack.momentum)
     datamodule = _single_stream(examples, tokenizer, attack, fmt, seed)
     trainer = fit(module, datamodule, trainer_cfg, attack.epochs, loggers, run_dir, ckpt_dir=run_dir / "checkpoints")
     log.info("attack: %d optimiser steps on %d examples", trainer.global_step, len(examples))

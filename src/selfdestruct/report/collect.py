@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+# Written by sweep=attack_search into its sweep directory (selfdestruct.utils.search; not imported: it needs optuna).
+SEARCH_FILE = "search.json"
 # Written beside a saved model by selfdestruct.models.io (not imported: that module pulls in torch).
 PROVENANCE_FILE = "selfdestruct.json"
 # Preferred training-log columns for the attack curve, best first.
@@ -53,6 +55,9 @@ class Run:
     curve_name: str | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)  # metrics.json "environment" (provenance)
+    attack_config: dict[str, Any] = field(default_factory=dict)  # metrics.json "attack.config": every attack field
+    search: dict[str, Any] = field(default_factory=dict)  # metrics.json "search": the attacker's success
+    search_trial: int | None = None  # the trial number when the run is a trial of sweep=attack_search
 
 
 def number(mapping: Mapping[str, Any] | None, key: str) -> float | None:
@@ -239,6 +244,8 @@ def _fill_from_metrics(run: Run, data: Mapping[str, Any]) -> None:
     run.num_samples = _as_int(attack["num_samples"])
     run.epochs = _as_int(attack.get("epochs"))
     run.post = dict(data["post"])
+    run.attack_config = dict(attack["config"]) if isinstance(attack.get("config"), Mapping) else {}
+    run.search = dict(data["search"]) if isinstance(data.get("search"), Mapping) else {}
 
 
 def _metrics_csvs(run_dir: Path) -> list[Path]:
@@ -282,6 +289,8 @@ def read_curve(run_dir: Path) -> tuple[str | None, list[tuple[float, float]]]:
 def load_run(run_dir: Path) -> Run:
     """Read one run directory; problems become the run's status and error, never an exception."""
     run = Run(path=run_dir, status="ok", stage="attack")
+    if run_dir.name.isdigit() and (run_dir.parent / SEARCH_FILE).is_file():
+        run.search_trial = int(run_dir.name)
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         try:

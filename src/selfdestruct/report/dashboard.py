@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 from html import escape
 
 from selfdestruct.report.collect import Run, number
-from selfdestruct.report.tables import BENIGN_HEATMAPS, HARMFUL_HEATMAPS, fmt, fmt_lr, no_win_text
+from selfdestruct.report.search import BREAK_SUCCESS, SearchResult, config_text, rerun_command
+from selfdestruct.report.tables import (BENIGN_HEATMAPS, HARMFUL_HEATMAPS, SEARCH_HEADER, fmt, fmt_lr, no_win_text,
+                                        search_floor, search_row)
 from selfdestruct.report.verdict import HARMFUL_KINDS, HS_MARGIN, GridCell, Report
 
 # Hue of each metric's colour scale (light = low, dark = high).
@@ -269,6 +271,54 @@ def _curves(curves_png: bytes | None) -> str:
             f'<img class="curves" alt="harmful-loss curves per defense" src="data:image/png;base64,{data}"></section>')
 
 
+def _best_so_far_svg(result: SearchResult, width: int = 320, height: int = 90) -> str:
+    """Best-so-far success (0..1) against the trial, as an inline SVG step line with the break threshold dashed."""
+    values = result.best_so_far()
+    if not values:
+        return ""
+    step = width / len(values)
+
+    def y(value: float | None) -> float:
+        return height - (value or 0.0) * height
+
+    points = []
+    for i, value in enumerate(values):
+        points += [f"{i * step:.1f},{y(value):.1f}", f"{(i + 1) * step:.1f},{y(value):.1f}"]
+    return (f'<svg class="best-so-far" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="best-so-far success by trial">'
+            f'<rect width="{width}" height="{height}" fill="#fff" stroke="#ddd"/>'
+            f'<line x1="0" x2="{width}" y1="{y(BREAK_SUCCESS):.1f}" y2="{y(BREAK_SUCCESS):.1f}" stroke="#b00020" '
+            f'stroke-dasharray="4 3"/><polyline fill="none" stroke="#1d1d1f" stroke-width="2" '
+            f'points="{" ".join(points)}"/></svg>')
+
+
+def _search_section(report: Report) -> str:
+    """The worst-case attack of each defense (sweep=attack_search)."""
+    if not report.searches:
+        return ""
+    head = "".join(f"<th>{escape(h)}</th>" for h in SEARCH_HEADER)
+    rows = "".join(f'<tr data-defense="{_attr(s.defense)}">' + "".join(f"<td>{_text(v)}</td>" for v in search_row(s))
+                   + "</tr>" for s in report.searches)
+    parts = ['<section id="search"><h2>Worst-case attacks (sweep=attack_search)</h2>',
+             f"<p>Success: post-attack HS if post-attack utility ≥ {escape(search_floor(report.searches[0]))} × "
+             f"pre-attack, else 0. Break budget: trials until success ≥ {BREAK_SUCCESS:g}.</p>",
+             f'<table id="search-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
+    for result in report.searches:
+        best = result.best
+        curve = ", ".join(fmt(v, 2) for v in result.best_so_far())
+        parts.append(f'<div class="panel search" data-defense="{_attr(result.defense)}"><h4>{escape(result.defense)}'
+                     f' <span class="nowin">{escape(result.break_text())}</span></h4>'
+                     f"{_best_so_far_svg(result)}<p>best so far by trial: {escape(curve)}</p>")
+        if best is not None:
+            parts.append(f"<p>best attack (trial {best.number}): <code>{escape(config_text(best.run))}</code></p>")
+        command = rerun_command(result)
+        if command:
+            parts.append(f"<p>re-run on 3 seeds: <code>{escape(command)}</code></p>")
+        parts.append("</div>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _environment_warning(report: Report) -> str:
     warning = report.environment_warning()
     return f'<p class="warning" id="environment-warning">Warning: {escape(warning)}</p>' if warning else ""
@@ -290,6 +340,7 @@ def render_dashboard(report: Report, curves_png: bytes | None = None) -> str:
         + ", ".join(f"<code>{escape(str(root))}</code>" for root in report.roots) + "</p>",
         legend, _environment_warning(report), "</header>",
         _nowin_table(report),
+        _search_section(report),
         *(_kind_section(report, kind) for kind in report.attack_kinds()),
         _curves(curves_png),
         _problems(report),

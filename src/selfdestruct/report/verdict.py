@@ -17,6 +17,7 @@ from pathlib import Path
 
 from selfdestruct.utils.provenance import describe, numerics_fingerprint
 from selfdestruct.report.collect import Run, number
+from selfdestruct.report.search import SearchResult, find_searches
 
 HS_MARGIN = 0.10
 COLLAPSE_FRACTION = 0.5
@@ -188,6 +189,8 @@ def build_grid(judged: Sequence[Judged]) -> list[GridCell]:
         run = item.run
         if run.stage != "attack" or run.defense is None or run.lr is None or run.num_samples is None:
             continue
+        if run.search_trial is not None:  # a search's trials are reported as a search, not as grid cells
+            continue
         kind = run.attack_kind or "harmful"
         key = (run.defense, kind, run.lr, run.num_samples)
         cells.setdefault(key, GridCell(run.defense, kind, run.lr, run.num_samples)).members.append(item)
@@ -201,6 +204,7 @@ class Report:
     roots: list[Path]
     judged: list[Judged]
     grid: list[GridCell]
+    searches: list[SearchResult] = field(default_factory=list)  # sweep=attack_search studies
 
     @property
     def runs(self) -> list[Run]:
@@ -241,7 +245,7 @@ class Report:
             run = item.run
             if run.stage != "attack" or run.defense != defense or (run.attack_kind or "harmful") != kind:
                 continue
-            if run.lr is None or run.num_samples is None:
+            if run.lr is None or run.num_samples is None or run.search_trial is not None:
                 continue
             won, total = counts.get(run.seed, (0, 0))
             counts[run.seed] = (won + (item.verdict in DEFENDER_WINS), total + 1)
@@ -290,4 +294,4 @@ class Report:
 def build_report(roots: Sequence[Path], runs: Sequence[Run]) -> Report:
     """Judge the runs and aggregate them into the grid."""
     judged = judge(runs)
-    return Report(roots=list(roots), judged=judged, grid=build_grid(judged))
+    return Report(roots=list(roots), judged=judged, grid=build_grid(judged), searches=find_searches(runs))
