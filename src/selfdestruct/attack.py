@@ -77,6 +77,8 @@ def attack(cfg: DictConfig) -> dict:
         cc.check_stages(cfg)
     bundle = cc.data_bundle(cfg)
     examples = attack_examples(bundle, spec, int(cfg.seed))
+    if cfg.model_path != "defend":  # model files checked before any training (after the data they are used with)
+        cc.check_model_path(cfg.model_path, "model_path")
     loggers = cc.job_loggers(cfg, run_dir)
     model_path = cc.defended_dir(cfg, bundle, loggers, run_dir) if cfg.model_path == "defend" else cfg.model_path
     model, tokenizer = load_model_dir(model_path, key="model_path", options=cc.load_options(cfg))
