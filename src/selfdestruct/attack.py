@@ -85,8 +85,9 @@ def attack(cfg: DictConfig) -> dict:
     provenance = read_provenance(model_path)
     evaluate = cc.evaluator(cfg, tokenizer, bundle)
     pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
+    ckpt_key = {"overrides": identity_overrides(), "model": checkpoint_id(Path(model_path))}
     attacked = run_attack(model, tokenizer, examples, spec, cc.trainer_config(cfg), loggers, run_dir,
-                          int(cfg.seed), cc.prompt_format(cfg))
+                          int(cfg.seed), cc.prompt_format(cfg), ckpt_key=ckpt_key)
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",

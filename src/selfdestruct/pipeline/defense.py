@@ -29,9 +29,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
+from selfdestruct.data.datamodule import EncodedDataset, ResumableDataLoader, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
 from selfdestruct.data.records import Example
 from selfdestruct.data.sources import DataBundle
@@ -261,9 +261,10 @@ class DefenseDataModule(StreamsDataModule):
             generator = torch.Generator().manual_seed(self.seed + index)
             # a retain item holds two rows (a refusal and a helpful answer): half as many items make a batch
             batch_size = max(1, self.batch_size // getattr(dataset, "rows_per_item", 1))
-            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
-                                       generator=generator, collate_fn=self._collate_for(dataset), num_workers=0)
-        return CombinedLoader(loaders, mode="max_size_cycle")
+            loaders[name] = ResumableDataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
+                                                generator=generator, collate_fn=self._collate_for(dataset),
+                                                num_workers=0, stream=name)
+        return CombinedLoader(self._positioned(loaders), mode="max_size_cycle")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
@@ -384,12 +385,13 @@ def build_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
 
 def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: str, params: Mapping[str, Any] | None,
                   optim: OptimConfig | None, trainer_cfg: TrainerConfig, loggers: list[Logger], run_dir: Path,
-                  seed: int, fmt: PromptFormat) -> torch.nn.Module:
+                  seed: int, fmt: PromptFormat, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> torch.nn.Module:
     """Defend ``model`` with ``name`` (sft: returned as is); returns the defended plain HF model.
 
     The defense logs every step (``log_every_n_steps=1``); exact modes run the whole fit with eager attention.
     A non-finite gradient raises :class:`~selfdestruct.objectives.common.NonFiniteGradientError` out of this
-    function, so the caller never saves a broken model.
+    function, so the caller never saves a broken model. With ``ckpt_dir`` the fit checkpoints there and resumes
+    (see :func:`~selfdestruct.pipeline.training.fit`).
     """
     if parse_params(name, params) is None:  # sft: the aligned model is the released model
         return model
@@ -402,7 +404,8 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
                                    seed=seed)
     stage_cfg = dataclasses.replace(trainer_cfg, log_every_n_steps=1)
     with eager_attention(module.model) if exact else nullcontext():
-        trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir)
+        trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir, ckpt_dir=ckpt_dir,
+                      ckpt_key=ckpt_key)
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
