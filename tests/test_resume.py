@@ -233,3 +233,83 @@ def test_attacks_resume_exactly_after_sigkill(overrides, uninterrupted, tmp_path
     reference = _result(tmp_path / "fresh", ("pre", "post"))
     _kill_and_resume("attack", overrides, tmp_path, cache, "{run}/checkpoints/last.ckpt", ("pre", "post"), reference)
     assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once the run completed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output problems: a full disk or an unwritable directory, W&B that cannot start
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_metrics(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from selfdestruct.utils import io
+    from selfdestruct.utils.job import run_job
+
+    real_fdopen = io.os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])  # part of it reached the disk, then it filled up
+            raise OSError(errno.ENOSPC, "No space left on device", self.handle.name)
+
+    monkeypatch.setattr(io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+
+    def body():
+        io.write_json_atomic(tmp_path / "metrics.json", {"post": {"harmful_score": 0.5}})
+        return {}
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(body, tmp_path)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "paths.cache_dir" in lines[0], lines
+    assert not (tmp_path / "metrics.json").exists()
+    assert not list(tmp_path.glob(".metrics.json.*"))  # the half-written temporary file is removed too
+
+
+def test_an_unwritable_output_directory_is_refused_before_any_work(tmp_path, capsys):
+    from selfdestruct.utils.job import run_job
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    ran = []
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(lambda: ran.append(1) or {}, blocker / "run")
+    assert exit_info.value.code == 2 and not ran
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and str(blocker / "run") in lines[0], lines
+
+
+def test_wandb_that_cannot_start_degrades_to_the_csv_logger_with_one_warning(tmp_path, monkeypatch, caplog):
+    import wandb
+    from pytorch_lightning.loggers import CSVLogger
+
+    from selfdestruct.utils.loggers import build_loggers
+
+    calls = []
+
+    def failing_init(*args, **kwargs):
+        calls.append(kwargs)
+        raise wandb.errors.CommError("network is unreachable")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", failing_init)
+    with caplog.at_level("WARNING", logger="selfdestruct.utils.loggers"):
+        loggers = build_loggers(tmp_path, config={"seed": 0})
+    assert len(calls) == 1  # W&B was really asked to start
+    assert [type(logger) for logger in loggers] == [CSVLogger]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "network is unreachable" in warnings[0].getMessage()
+    loggers[0].log_metrics({"train/loss": 1.5}, step=0)
+    loggers[0].save()
+    assert "train/loss" in (tmp_path / "csv" / "metrics.csv").read_text()

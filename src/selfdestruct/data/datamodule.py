@@ -33,23 +33,29 @@ class EncodedDataset(Dataset):
 class ResumableDataLoader(DataLoader):
     """A data loader whose position is saved in checkpoints, so a resumed fit sees the batches an uninterrupted one
     would have seen, in the same order (Lightning saves ``state_dict()`` of every training loader with the
-    checkpoint and hands it back through ``load_state_dict()`` before the resumed fit iterates).
+    checkpoint).
 
     A pass's shuffle is fixed by the state of the loader's generator when the pass starts (the iterator draws its
     base seed and then the permutation from it). The state is that snapshot and the number of batches handed out
-    since; a restored loader re-creates the same pass and skips what was already trained on (or, when the checkpoint closed an
-    epoch, replays that pass and starts the next), and every later pass then draws from the generator exactly as
-    in the uninterrupted run. Batches are handed out without prefetching
-    (in-process loading, and Lightning does not prefetch a loader whose length it knows), so "handed out" is
-    "trained on" when a step's checkpoint is saved.
+    since; a restored loader re-creates the same pass and skips what was already trained on (or, when the
+    checkpoint closed an epoch, replays that pass and starts the next), and every later pass then draws from the
+    generator exactly as in the uninterrupted run. Batches are handed out without prefetching (in-process loading,
+    and Lightning does not prefetch a loader whose length it knows), so "handed out" is "trained on" when a step's
+    checkpoint is saved.
+
+    Lightning builds the training loaders before it restores a checkpoint when the schedule asks for
+    ``estimated_stepping_batches``, and then never hands the saved positions back; so the positions are given to
+    the data module before the fit (:meth:`StreamsDataModule.resume_positions`), which builds its loaders with them
+    (``position``).
     """
 
-    def __init__(self, *args, stream: str = "train", **kwargs) -> None:
+    def __init__(self, *args, stream: str = "train", position: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.stream = stream
         self._pass_start: torch.Tensor | None = None
         self._handed_out = 0
-        self._to_restore: dict | None = None
+        # a constructor argument, so it survives Lightning re-creating the loader (e.g. to add a distributed sampler)
+        self._to_restore: dict | None = position
 
     def __iter__(self):
         restore, self._to_restore = self._to_restore, None
@@ -102,20 +108,18 @@ class StreamsDataModule(pl.LightningDataModule):
 
     def _loader(self, index: int, dataset: EncodedDataset) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed + index)
+        name = list(self.streams)[index]
         return ResumableDataLoader(dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=generator,
                                    collate_fn=lambda feats: collate(feats, self.pad_id), num_workers=0,
-                                   stream=list(self.streams)[index])
+                                   stream=name, position=self.saved_position(name))
 
     def resume_positions(self, states: list[dict]) -> None:
-        """Saved :meth:`ResumableDataLoader.state_dict` of each stream, applied to the next loaders built."""
+        """Saved :meth:`ResumableDataLoader.state_dict` of each stream, given to the next loaders built."""
         self._positions = {state["stream"]: state for state in states}
 
-    def _positioned(self, loaders: dict[str, ResumableDataLoader]) -> dict[str, ResumableDataLoader]:
-        for name, loader in loaders.items():
-            if name in self._positions:
-                loader.load_state_dict(self._positions.pop(name))
-        return loaders
+    def saved_position(self, stream: str) -> dict | None:
+        return self._positions.pop(stream, None)
 
     def train_dataloader(self) -> CombinedLoader:
         loaders = {name: self._loader(i, ds) for i, (name, ds) in enumerate(self.streams.items())}
-        return CombinedLoader(self._positioned(loaders), mode="max_size_cycle")
+        return CombinedLoader(loaders, mode="max_size_cycle")

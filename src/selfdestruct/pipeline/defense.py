@@ -263,8 +263,8 @@ class DefenseDataModule(StreamsDataModule):
             batch_size = max(1, self.batch_size // getattr(dataset, "rows_per_item", 1))
             loaders[name] = ResumableDataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
                                                 generator=generator, collate_fn=self._collate_for(dataset),
-                                                num_workers=0, stream=name)
-        return CombinedLoader(self._positioned(loaders), mode="max_size_cycle")
+                                                num_workers=0, stream=name, position=self.saved_position(name))
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
