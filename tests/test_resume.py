@@ -188,7 +188,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,kind", [("pretrain", "base"), ("align", "align")])
 def test_sft_stages_resume_exactly_after_sigkill(stage, kind, uninterrupted, tmp_path):
-    # a checkpoint every 20 steps: pre-training has 38 steps, alignment 2 epochs of 19
+    # a checkpoint every 20 steps: pre-training has 172 steps (one epoch), alignment 2 epochs of 75
     overrides = ["trainer.checkpoint_every_n_steps=20"]
     if stage == "align":  # the base comes from the uninterrupted run's cache entry: copy it, kill during alignment
         shutil.copytree(uninterrupted["cache"] / "base", tmp_path / "cache" / "base")
