@@ -77,7 +77,7 @@ BAD_DEFEND = [
 ]
 
 
-def _fails_before_work(entry, config: str, overrides: list[str], needle: str, tmp_path, capsys) -> None:
+def _fails_before_work(entry, config: str, overrides: list[str], needle: str, tmp_path, capsys) -> str:
     cfg = compose_config(config, overrides, tmp_path)
     body = (lambda: entry.attack(cfg)) if config == "attack" else (lambda: entry.defend(cfg))
     with pytest.raises(SystemExit) as exit_info:
@@ -87,6 +87,7 @@ def _fails_before_work(entry, config: str, overrides: list[str], needle: str, tm
     assert len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "metrics.json").exists()
     assert not any(tmp_path.rglob("*.safetensors")) and not (tmp_path / "cache").exists()
+    return lines[0]
 
 
 @pytest.mark.parametrize("overrides,needle", BAD_ATTACK, ids=[" ".join(o) for o, _ in BAD_ATTACK])
@@ -111,3 +112,122 @@ def test_a_zero_epoch_attack_exits_2_from_the_command_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: attack.epochs=0: expected an integer >= 1" in proc.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model files: each broken copy of a valid micro checkpoint is refused with one line naming the path and the problem
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _truncate(d):
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+
+
+def _corrupt_header(d):
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(data))
+
+
+def _pickle_only(d):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+
+
+def _no_tokenizer(d):
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+
+
+def _larger_tokenizer(d):
+    from selfdestruct.data.tokenizer import train_bpe_tokenizer
+
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    texts = [f"word{i} other{i * 7} thing{i * 13}" for i in range(400)]
+    train_bpe_tokenizer(texts, 600).save_pretrained(d)
+
+
+def _config_vocab(d):
+    import json
+
+    config = json.loads((d / "config.json").read_text())
+    config["vocab_size"] = 200
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _garbled_tokenizer(d):
+    (d / "tokenizer.json").write_text("{ not json")
+
+
+def _no_config(d):
+    (d / "config.json").unlink()
+
+
+# (how the copy is broken, the text the one-line error must contain besides the path)
+BAD_MODEL_DIRS = [
+    (_truncate, "model.safetensors is truncated"),
+    (_corrupt_header, "model.safetensors is corrupt"),
+    (_pickle_only, "weights in pickle format only (pytorch_model.bin)"),
+    (_no_tokenizer, "no tokenizer"),
+    (_larger_tokenizer, "the tokenizer has 600 tokens but the model's embedding has 300 rows"),
+    (_config_vocab, "vocab_size=200 but the embedding in the safetensors weights has 300 rows"),
+    (_garbled_tokenizer, "cannot load model"),
+    (_no_config, "no config.json"),
+]
+
+
+@pytest.fixture(scope="module")
+def valid_model_dir(tmp_path_factory):
+    from selfdestruct.data.tokenizer import train_bpe_tokenizer
+    from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama
+
+    tokenizer = train_bpe_tokenizer(["Question: How do I bake bread?\nAnswer: Mix flour and water."] * 50, 300)
+    model = build_tiny_llama(TinyLlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2),
+                             tokenizer, seed=0)
+    out = tmp_path_factory.mktemp("valid") / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _broken_copy(valid_model_dir, tmp_path_factory, breaker):
+    import shutil
+
+    broken = tmp_path_factory.mktemp("broken") / "model"
+    shutil.copytree(valid_model_dir, broken)
+    breaker(broken)
+    return broken
+
+
+@pytest.mark.parametrize("breaker,needle", BAD_MODEL_DIRS, ids=[b.__name__.strip("_") for b, _ in BAD_MODEL_DIRS])
+def test_bad_model_dir_is_one_line_naming_path_and_problem(breaker, needle, valid_model_dir, tmp_path,
+                                                           tmp_path_factory, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    broken = _broken_copy(valid_model_dir, tmp_path_factory, breaker)
+    overrides = [f"model_path={broken}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    line = _fails_before_work(attack_entry, "attack", overrides, needle, tmp_path, capsys)
+    assert str(broken) in line and "model_path" in line
+
+
+def test_bad_model_dir_under_model_hf_is_refused_before_alignment(valid_model_dir, tmp_path, tmp_path_factory,
+                                                                  capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    broken = _broken_copy(valid_model_dir, tmp_path_factory, _truncate)
+    overrides = ["model=hf", f"model.path={broken}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    line = _fails_before_work(defend_entry, "defend", overrides, "model.safetensors is truncated", tmp_path, capsys)
+    assert line.startswith("error: model.path: ") and str(broken) in line
+
+
+def test_the_valid_model_dir_passes_the_same_checks(valid_model_dir):
+    from selfdestruct.models.io import check_model_files, load_model_dir
+
+    check_model_files(valid_model_dir, "model_path")
+    model, tokenizer = load_model_dir(valid_model_dir)
+    assert model.get_input_embeddings().num_embeddings == 300 and len(tokenizer) <= 300

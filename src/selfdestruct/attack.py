@@ -92,14 +92,17 @@ def attack(cfg: DictConfig) -> dict:
         defense = cc.check_stages(cfg)
     bundle = cc.data_bundle(cfg)
     examples = attack_examples(bundle, spec, int(cfg.seed))
+    if cfg.model_path != "defend":  # model files checked before any training (after the data they are used with)
+        cc.check_model_path(cfg.model_path, "model_path")
     loggers = cc.job_loggers(cfg, run_dir)
     model_path = cc.defended_dir(cfg, bundle, loggers, run_dir, defense) if defense else cfg.model_path
     model, tokenizer = load_model_dir(model_path, key="model_path", options=cc.load_options(cfg))
     provenance = read_provenance(model_path)
     evaluate = cc.evaluator(cfg, tokenizer, bundle)
     pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
+    ckpt_key = {"overrides": identity_overrides(), "model": checkpoint_id(Path(model_path))}
     attacked = run_attack(model, tokenizer, examples, spec, cc.trainer_config(cfg), loggers, run_dir,
-                          int(cfg.seed), cc.prompt_format(cfg))
+                          int(cfg.seed), cc.prompt_format(cfg), ckpt_key=ckpt_key)
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",

@@ -19,7 +19,7 @@ from selfdestruct.data.synthetic import WorldConfig
 from selfdestruct.errors import UserError, build_config
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
-from selfdestruct.models.io import LoadOptions
+from selfdestruct.models.io import LoadOptions, check_model_files
 from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.models.tiny import TinyLlamaConfig
 from selfdestruct.pipeline.stages import DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir
@@ -156,7 +156,16 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 def check_stages(cfg: DictConfig) -> DefenseSpec:
     """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
     trainer_config(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
+        check_model_path(cfg.model.path, "model.path")
     return defense_spec(cfg)
+
+
+def check_model_path(model_path, key: str) -> None:
+    """A local model directory's files checked before any work (a hub id is left to the loader)."""
+    path = Path(str(model_path)).expanduser()
+    if path.is_dir():
+        check_model_files(path, key)
 
 
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:

@@ -85,6 +85,19 @@ class CausalLMModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.schedule, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def extra_state(self) -> dict:
+        """What a step depends on beyond weights, optimiser and schedule (saved with every checkpoint)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state` when a fit resumes from a checkpoint."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["selfdestruct"] = self.extra_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.load_extra_state(checkpoint.get("selfdestruct", {}))
+
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over the batch's labelled (response) tokens."""
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])

@@ -39,6 +39,20 @@ class CTRAPModule(DefenseModule):
         # Only the Adam-shaped look-ahead keeps state across steps (one parameter-sized buffer).
         self.second_moment = SecondMoment(beta2=params.adam_beta2) if params.lookahead == "adam" else None
 
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        if self.second_moment is not None:  # lookahead=adam: the running E[g_h²] and its step count
+            state["second_moment"] = {"v": self.second_moment.v, "step": self.second_moment.step}
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        saved = state.get("second_moment")
+        if self.second_moment is not None and saved is not None:
+            params = self.trainable_parameters()
+            self.second_moment.v = None if saved["v"] is None else [v.to(p.device) for v, p in zip(saved["v"], params)]
+            self.second_moment.step = int(saved["step"])
+
     def defense_step(self, batch: Mapping[str, Batch]) -> dict[str, float]:
         # Published recipe: one retain batch (refusals ⊕ helpful) carries both the alignment and the collapse loss.
         align, general = (batch["retain"], batch["retain"]) if "retain" in batch else (batch["align"], batch["general"])

@@ -65,6 +65,13 @@ class DefenseModule(CausalLMModule):
         self.log_stats(stats)
         return torch.tensor(stats["loss"])
 
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "history": [dict(h) for h in self.history]}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.history = [dict(h) for h in state.get("history", [])]
+
     def log_stats(self, stats: Mapping[str, float]) -> None:
         self.history.append(dict(stats))
         for key, val in stats.items():

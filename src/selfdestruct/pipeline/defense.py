@@ -79,13 +79,14 @@ def build_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
 
 def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: str, params: Any,
                   optim: OptimConfig | None, trainer_cfg: TrainerConfig, loggers: list[Logger], run_dir: Path,
-                  seed: int, fmt: PromptFormat) -> torch.nn.Module:
+                  seed: int, fmt: PromptFormat, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> torch.nn.Module:
     """Defend ``model`` with ``name`` (sft: returned as is); returns the defended plain HF model.
 
     ``params`` is the parameter dataclass (or the raw ``defense.params`` mapping, parsed here). The defense logs
     every step (``log_every_n_steps=1``); exact modes run the whole fit with eager attention. A non-finite
     gradient raises :class:`~selfdestruct.objectives.common.NonFiniteGradientError` out of this function, so the
     caller never saves a broken model.
+    With ``ckpt_dir`` the fit checkpoints there and resumes (see :func:`~selfdestruct.pipeline.training.fit`).
     """
     p = parse_params(name, params)
     if p is None:  # sft: the aligned model is the released model
@@ -99,7 +100,8 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
                                    seed=seed)
     stage_cfg = dataclasses.replace(trainer_cfg, log_every_n_steps=1)
     with eager_attention(module.model) if exact else nullcontext():
-        trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir)
+        trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir, ckpt_dir=ckpt_dir,
+                      ckpt_key=ckpt_key)
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))

@@ -24,7 +24,7 @@ from selfdestruct.modules.base import OPTIMIZERS
 from selfdestruct.modules.sft import SFTModule
 from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, check_optim_fields, fit
 from selfdestruct.errors import FieldError, UserError, check_choice, check_number
-from selfdestruct.utils.cache import cached_dir
+from selfdestruct.utils.cache import cached_dir, work_dir
 
 log = logging.getLogger(__name__)
 # Bump when a change to the code changes what a cached stage would produce.
@@ -105,12 +105,13 @@ def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:
 
 def _sft_and_save(model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
                   trainer_cfg: TrainerConfig, seed: int, fmt: PromptFormat, loggers: list[Logger] | None, out: Path,
-                  key: dict) -> None:
-    """One cached SFT stage: train on shuffled ``examples``, log beside the entry, save the model into it."""
+                  key: dict, ckpt_dir: Path) -> None:
+    """One cached SFT stage: train on shuffled ``examples``, log beside the entry, save the model into it;
+    checkpoints in ``ckpt_dir`` (the entry's work directory) let a killed build resume."""
     module = _sft_module(model, optim, stage)
     datamodule = _single_stream(_shuffled(examples, seed), tokenizer, optim, fmt, seed)
     csv = CSVLogger(save_dir=str(out), name="csv", version="")
-    fit(module, datamodule, trainer_cfg, optim.epochs, [csv, *(loggers or [])], out)
+    fit(module, datamodule, trainer_cfg, optim.epochs, [csv, *(loggers or [])], out, ckpt_dir=ckpt_dir, ckpt_key=key)
     save_model_dir(module.model, tokenizer, out / "model", {"stage": stage if stage != "pretrain" else "base",
                                                             "key": key})
 
@@ -131,7 +132,8 @@ def base_model_dir(bundle: DataBundle, data_key: dict, arch: TinyLlamaConfig, op
         tokenizer = train_bpe_tokenizer(bundle.tokenizer_texts, arch.vocab_size)
         model = build_tiny_llama(arch, tokenizer, seed)
         log.info("pre-training a %s-parameter Llama on %d texts", f"{count_parameters(model):,}", len(bundle.pretrain))
-        _sft_and_save(model, tokenizer, bundle.pretrain, "pretrain", optim, trainer_cfg, seed, fmt, loggers, out, key)
+        _sft_and_save(model, tokenizer, bundle.pretrain, "pretrain", optim, trainer_cfg, seed, fmt, loggers, out, key,
+                      work_dir(cache_root, "base", key) / "checkpoints")
 
     return cached_dir(cache_root, "base", key, build) / "model"
 
@@ -147,7 +149,8 @@ def aligned_model_dir(base_dir: Path, bundle: DataBundle, data_key: dict, optim:
         pl.seed_everything(seed, workers=True, verbose=False)
         model, tokenizer = load_model_dir(base_dir, key="base model", options=load)
         log.info("safety alignment on %d examples", len(bundle.align))
-        _sft_and_save(model, tokenizer, bundle.align, "align", optim, trainer_cfg, seed, fmt, loggers, out, key)
+        _sft_and_save(model, tokenizer, bundle.align, "align", optim, trainer_cfg, seed, fmt, loggers, out, key,
+                      work_dir(cache_root, "align", key) / "checkpoints")
 
     return cached_dir(cache_root, "align", key, build) / "model"
 
@@ -191,7 +194,8 @@ def defended_model_dir(aligned_dir: Path, bundle: DataBundle, defense: DefenseSp
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
             params = defense.parsed or defense.params
             model = apply_defense(model, tokenizer, bundle, defense.name, params, defense.optim, trainer_cfg,
-                                  [csv, *(loggers or [])], run_dir or out, seed, fmt)
+                                  [csv, *(loggers or [])], run_dir or out, seed, fmt,
+                                  ckpt_dir=work_dir(cache_root, "defend", key) / "checkpoints", ckpt_key=key)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": seed, "aligned_metrics": aligned_metrics,
                       "aligned_model": str(aligned_dir), "key": key}
         save_model_dir(model, tokenizer, out / "model", provenance)
@@ -200,14 +204,17 @@ def defended_model_dir(aligned_dir: Path, bundle: DataBundle, defense: DefenseSp
 
 
 def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, trainer_cfg: TrainerConfig,
-               loggers: list[Logger], run_dir: Path, seed: int, fmt: PromptFormat):
-    """Fine-tune ``model`` on ``examples`` as the attacker would; returns the attacked plain HF model."""
+               loggers: list[Logger], run_dir: Path, seed: int, fmt: PromptFormat, ckpt_key: Any = None):
+    """Fine-tune ``model`` on ``examples`` as the attacker would; returns the attacked plain HF model.
+
+    Checkpoints go to ``run_dir/checkpoints``; a re-run of the same ``ckpt_key`` resumes from them."""
     pl.seed_everything(seed, workers=True, verbose=False)
     module = AttackModule(model, lr=attack.lr, kind=attack.data, lora=attack.lora,
                           weight_decay=attack.weight_decay, warmup_ratio=attack.warmup_ratio,
                           schedule=attack.schedule, max_grad_norm=attack.max_grad_norm,
                           optimizer=attack.optimizer, momentum=attack.momentum)
     datamodule = _single_stream(examples, tokenizer, attack, fmt, seed)
-    trainer = fit(module, datamodule, trainer_cfg, attack.epochs, loggers, run_dir, ckpt_dir=run_dir / "checkpoints")
+    trainer = fit(module, datamodule, trainer_cfg, attack.epochs, loggers, run_dir, ckpt_dir=run_dir / "checkpoints",
+                  ckpt_key=ckpt_key)
     log.info("attack: %d optimiser steps on %d examples", trainer.global_step, len(examples))
     return module.export_model()

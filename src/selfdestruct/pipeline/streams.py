@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
+from selfdestruct.data.datamodule import EncodedDataset, ResumableDataLoader, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
 from selfdestruct.data.records import Example
 from selfdestruct.data.sources import DataBundle
@@ -142,8 +142,9 @@ class DefenseDataModule(StreamsDataModule):
             generator = torch.Generator().manual_seed(self.seed + index)
             # a retain item holds two rows (a refusal and a helpful answer): half as many items make a batch
             batch_size = max(1, self.batch_size // getattr(dataset, "rows_per_item", 1))
-            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
-                                       generator=generator, collate_fn=self._collate_for(dataset), num_workers=0)
+            loaders[name] = ResumableDataLoader(dataset, batch_size=batch_size, shuffle=self.shuffle,
+                                                generator=generator, collate_fn=self._collate_for(dataset),
+                                                num_workers=0, stream=name, position=self.saved_position(name))
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import random
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import Logger
 
 from selfdestruct.errors import check_choice, check_number
 from selfdestruct.modules.base import SCHEDULES
+from selfdestruct.utils.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+LAST_CHECKPOINT = "last.ckpt"
+CHECKPOINT_KEY = "key.json"
 
 
 @dataclass(frozen=True)
@@ -65,20 +77,89 @@ class TrainerConfig:
         check_number(self, "checkpoint_every_n_steps", low=0, integer=True)
 
 
+class RNGState(pl.Callback):
+    """Saves the process's random number generators with every checkpoint and sets them back before the first
+    step of a resumed fit, so anything random in a step (dropout, sampling) continues as it would have."""
+
+    def __init__(self) -> None:
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain tensors and numbers only: checkpoints load with torch.load(weights_only=True)
+        state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                           int(has_gauss), float(gauss)], "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._to_restore = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        state, self._to_restore = self._to_restore, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_point(ckpt_dir: Path, key: Any) -> str | None:
+    """``ckpt_dir/last.ckpt`` if it was written by a fit of this very ``key``; checkpoints of another
+    configuration (the same run directory re-used with other settings) are removed, never resumed."""
+    marker = ckpt_dir / CHECKPOINT_KEY
+    wanted = json.loads(json.dumps(key, sort_keys=True, default=str))
+    if ckpt_dir.exists():
+        try:
+            found = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found != wanted:
+            if any(ckpt_dir.iterdir()):
+                log.warning("%s holds checkpoints of another configuration: starting from zero", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+    write_json_atomic(marker, wanted)
+    last = ckpt_dir / LAST_CHECKPOINT
+    if last.exists():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def saved_loader_states(path: str) -> list[dict]:
+    """The training loaders' positions Lightning saved in a checkpoint (memory-mapped: the weights stay on disk),
+    each marked ``epoch_done`` when the checkpoint was taken at the last batch of an epoch."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epoch_done = bool(loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", False))
+    return [{**state, "epoch_done": epoch_done} for state in loop.get("state_dict", {}).get("combined_loader", [])]
+
+
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: TrainerConfig, epochs: int,
-        loggers: list[Logger], root_dir: Path, ckpt_dir: Path | None = None) -> pl.Trainer:
+        loggers: list[Logger], root_dir: Path, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> pl.Trainer:
     """Fit ``module`` for ``epochs`` epochs; returns the trainer (its ``global_step`` is the step count).
 
-    With ``ckpt_dir``, ``last.ckpt`` is saved there every ``checkpoint_every_n_steps`` steps and a fit that
-    finds one resumes from it (a requeued or restarted job loses at most that many steps).
+    With ``ckpt_dir``, ``last.ckpt`` is saved there every ``checkpoint_every_n_steps`` steps and a fit of the same
+    ``ckpt_key`` that finds one resumes from it exactly: weights, optimiser, schedule, the position of every data
+    stream (:class:`~selfdestruct.data.datamodule.ResumableDataLoader`), the random generators and the module's own
+    state (``CausalLMModule.extra_state``) all come back, so a run killed at any point ends as the uninterrupted
+    run would have.
     """
     callbacks: list[pl.Callback] = [RichProgressBar(leave=False)] if trainer_cfg.progress_bar else []
     resume_from = None
     if ckpt_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0 and not trainer_cfg.fast_dev_run:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
                                          every_n_train_steps=trainer_cfg.checkpoint_every_n_steps))
-        if (ckpt_dir / "last.ckpt").exists():
-            resume_from = str(ckpt_dir / "last.ckpt")
+        callbacks.append(RNGState())
+        # the saved state is the one after the step, with the loop counters of after the step: what resuming needs
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        resume_from = resume_point(Path(ckpt_dir), ckpt_key)
+        if resume_from is not None and hasattr(datamodule, "resume_positions"):
+            datamodule.resume_positions(saved_loader_states(resume_from))
     trainer = pl.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,

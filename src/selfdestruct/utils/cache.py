@@ -3,6 +3,12 @@
 Two jobs racing for the same entry (a sweep on several GPUs) must neither corrupt it nor build it
 twice: the first takes an exclusive file lock and builds into a staging directory that is renamed
 into place when complete; the others wait on the lock and then find it done.
+
+A build killed outright (kill -9, a pre-empted node) leaves no entry: its staging directory and its stage
+checkpoints live in the entry's work directory (``.<hash>.work`` beside it). The next build of the same key
+holds the lock, so whatever staging directory it finds there is a dead build's: it is removed, while the
+checkpoints are kept for the stage to resume from (:func:`work_dir`). Publishing the entry removes the work
+directory.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfdestruct.utils.io import publish_dir, staging_dir
+from selfdestruct.utils.io import publish_dir
 
 log = logging.getLogger(__name__)
 DONE_MARKER = "COMPLETE"
@@ -35,9 +41,28 @@ def config_key(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def entry_dir(root: Path, kind: str, key_obj: Any) -> Path:
+    return Path(root) / kind / config_key(key_obj)
+
+
+def work_dir(root: Path, kind: str, key_obj: Any) -> Path:
+    """A stable per-entry directory that survives an interrupted build (stage checkpoints go in it)."""
+    final = entry_dir(root, kind, key_obj)
+    return final.with_name(f".{final.name}.work")
+
+
+def _remove_dead_builds(final: Path, work: Path) -> None:
+    """Staging directories of builds that died without cleaning up (called with the entry's lock held)."""
+    stale = [work / "staging", *final.parent.glob(f".{final.name}.*.tmp")]
+    for path in stale:
+        if path.exists():
+            log.info("removing the staging directory of an interrupted build: %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def cached_dir(root: Path, kind: str, key_obj: Any, build: Callable[[Path], None]) -> Path:
     """Return ``root/kind/<hash>``, calling ``build(staging_dir)`` first if no complete entry exists."""
-    final = Path(root) / kind / config_key(key_obj)
+    final = entry_dir(root, kind, key_obj)
     if (final / DONE_MARKER).exists():
         log.info("cache hit: %s %s", kind, final)
         return final
@@ -48,13 +73,17 @@ def cached_dir(root: Path, kind: str, key_obj: Any, build: Callable[[Path], None
             log.info("cache hit after waiting: %s %s", kind, final)
             return final
         log.info("building %s into %s", kind, final)
-        tmp = staging_dir(final)
+        work = work_dir(root, kind, key_obj)
+        _remove_dead_builds(final, work)
+        tmp = work / "staging"
+        tmp.mkdir(parents=True)
         try:
             build(tmp)
             (tmp / "key.json").write_text(json.dumps(key_obj, sort_keys=True, indent=2, default=str))
             (tmp / DONE_MARKER).write_text("")
             publish_dir(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # the stage checkpoints stay in the work directory
             raise
+        shutil.rmtree(work, ignore_errors=True)
     return final

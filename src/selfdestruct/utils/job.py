@@ -7,9 +7,12 @@ and returns; :class:`selfdestruct.utils.sweep.SweepReport` then reports every fa
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -77,18 +80,55 @@ def _one_line(err: BaseException) -> str:
         text[0] if text else type(err).__name__)
 
 
-def run_job(body: Callable[[], dict], run_dir: Path) -> dict | None:
-    """Run ``body`` with the failure policy above; W&B is finished on every path."""
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+# Storage problems the user fixes (space, quota, permissions, a read-only or wrong path): one line, not a traceback.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
+def storage_error(err: BaseException) -> UserError | None:
+    """``err`` as a one-line :class:`UserError` naming the path when it is a storage problem, else None."""
+    if not isinstance(err, OSError) or err.errno not in STORAGE_ERRNOS:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    hint = " (free some space, or point hydra.run.dir / paths.cache_dir elsewhere)" \
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return UserError(f"cannot write {where}{err.strerror or os.strerror(err.errno)}{hint}")
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory accepts files, checked before any work (a file is created and removed)."""
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".writable."):
+            pass
+    except OSError as err:
+        raise UserError(f"hydra.run.dir={run_dir}: not writable ({err.strerror or err})") from None
+
+
+def _record_failure(run_dir: Path, record: dict) -> None:
+    try:
+        write_json_atomic(run_dir / FAILURE_FILE, record)
+    except OSError as err:  # the failure may be that nothing can be written there
+        log.error("could not write %s: %s", run_dir / FAILURE_FILE, err)
+
+
+def run_job(body: Callable[[], dict], run_dir: Path) -> dict | None:
+    """Run ``body`` with the failure policy above; W&B is finished on every path.
+
+    A storage problem (a full disk, an unwritable directory) is reported like bad input: one line naming the path.
+    Results are written atomically, so such a failure never leaves a partial ``metrics.json``.
+    """
+    try:
+        (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+        check_writable(run_dir)
         result = body()
     except KeyboardInterrupt:
         finish_wandb(exit_code=130)
         raise
     except BaseException as err:  # noqa: BLE001 - every failure is recorded, then handled below
+        err = storage_error(err) or err
         is_user_error = isinstance(err, UserError)
         finish_wandb(exit_code=2 if is_user_error else 1)
-        write_json_atomic(run_dir / FAILURE_FILE, {
+        _record_failure(run_dir, {
             "error": _one_line(err), "overrides": job_overrides(),
             "traceback": None if is_user_error else traceback.format_exc(limit=8)})
         if in_sweep():

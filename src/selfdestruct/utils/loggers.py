@@ -40,16 +40,28 @@ def build_loggers(
     config: dict[str, Any] | None = None,
     csv_subdir: str = "csv",
 ) -> list[Logger]:
-    """A CSV logger under ``run_dir/csv_subdir`` and, unless disabled, a W&B logger writing to ``run_dir``."""
+    """A CSV logger under ``run_dir/csv_subdir`` and, unless disabled, a W&B logger writing to ``run_dir``.
+
+    W&B is started here, not at the first logged step: if it cannot start (no network, a bad key, a full disk
+    under ``run_dir/wandb``) the job goes on with the CSV log alone after one warning.
+    """
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name=csv_subdir, version="")]
     mode = resolve_wandb_mode(wandb_mode)
     if mode != "disabled":
-        wandb_logger = WandbLogger(
-            project=project, entity=entity, group=group, job_type=job_type, tags=list(tags or []), name=name,
-            save_dir=str(run_dir), offline=(mode == "offline"), log_model=False,
-        )
-        if config is not None:
-            wandb_logger.experiment.config.update(config, allow_val_change=True)
+        try:
+            wandb_logger = WandbLogger(
+                project=project, entity=entity, group=group, job_type=job_type, tags=list(tags or []), name=name,
+                save_dir=str(run_dir), offline=(mode == "offline"), log_model=False,
+            )
+            experiment = wandb_logger.experiment  # starts the run
+            if config is not None:
+                experiment.config.update(config, allow_val_change=True)
+        except Exception as err:  # noqa: BLE001 - whatever stops W&B must not stop the run
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning("W&B could not start (%s: %s); logging to %s only", type(err).__name__, first,
+                        run_dir / csv_subdir / "metrics.csv")
+            finish_wandb(exit_code=1)
+            return loggers
         loggers.append(wandb_logger)
         log.info("W&B run in %s mode under %s", mode, run_dir / "wandb")
     return loggers
