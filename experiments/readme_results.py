@@ -89,14 +89,17 @@ def basic_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [m for r in runs for m in r.values()]
 
 
-def grid_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+GRID_CAPTION = "Full demo (every defense over the 3 × 3 attack grid and a benign fine-tune), seed {seeds}:"
+
+
+def grid_table(roots: list[Path], caption: str = GRID_CAPTION) -> tuple[list[str], list[dict]]:
     from selfdestruct.report import collect, build_report
     from selfdestruct.report.tables import no_win_text
     from selfdestruct.report.collect import number
 
     report = build_report(roots, collect(roots))
     seeds = ", ".join(str(seed) for seed in report.seeds())
-    lines = [f"Full demo (every defense over the 3 × 3 attack grid and a benign fine-tune), seed {seeds}:", "",
+    lines = [caption.format(seeds=seeds), "",
              "| defense | no-win (harmful attacks, 3 × 3 grid) | pre-attack utility | benign task accuracy | "
              "utility after benign / pre |", "|---|---|---|---|---|"]
     for defense in report.defenses():
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--basic", nargs="*", type=Path, default=[], help="quickstart --basic output directories")
     parser.add_argument("--grid", nargs="*", type=Path, default=[], help="full-demo or sweep directories")
+    parser.add_argument("--grid-caption", default=GRID_CAPTION,
+                        help="the sentence above the --grid table ({seeds}: the seeds found)")
     parser.add_argument("--acceptance", nargs="*", type=Path, default=[],
                         help="directories of a held-out confirmation (SFT and the defenses, same seeds): the per-seed "
                              "table of selfdestruct.report.acceptance")
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += table + [""]
         everything += metrics
     if args.grid:
-        table, metrics = grid_table(args.grid)
+        table, metrics = grid_table(args.grid, args.grid_caption)
         lines += table + [""]
         everything += metrics
     if args.acceptance:
