@@ -5,8 +5,7 @@
 
 The full demo runs the project's own entry points exactly as a user would:
 
-1. ``selfdestruct.defend`` for each defense: the first alone on every core (it builds the cached pre-trained and
-   aligned models the others share), then a Hydra multirun over the others;
+1. ``selfdestruct.defend`` for each defense (a Hydra multirun over ``defense=...``);
 2. ``selfdestruct.attack sweep=attack_grid`` — every defense × the 3 × 3 grid of learning rate × number of
    harmful samples (each defended model is built once and shared through the cache);
 3. a benign fine-tune of each defended model;
@@ -71,20 +70,14 @@ def basic(out: Path, common: list[str]) -> None:
 
 
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
-    launcher, env = parallel(jobs)
-    named = "hydra.sweep.subdir=${hydra.job.override_dirname}"
-    # The first defense alone, with every core: it builds the pre-trained and aligned models (cached) that every
-    # later job shares; in the parallel jobs that build would run on one thread while the other jobs wait for it.
-    failed = run(["-m", "selfdestruct.defend", f"defense={defenses[0]}",
-                  f"hydra.run.dir={out / 'defend' / f'defense={defenses[0]}'}", *common], check=False)
-    if len(defenses) > 1:
-        failed |= run(["-m", "selfdestruct.defend", "--multirun", f"defense={','.join(defenses[1:])}",
-                       f"hydra.sweep.dir={out / 'defend'}", named, *launcher, *common], check=False, env=env)
     choice = f"defense={','.join(defenses)}"
+    launcher, env = parallel(jobs)
+    failed = run(["-m", "selfdestruct.defend", "--multirun", choice, f"hydra.sweep.dir={out / 'defend'}", *launcher,
+                  *common], check=False, env=env)
     failed |= run(["-m", "selfdestruct.attack", "sweep=attack_grid", choice, f"hydra.sweep.dir={out / 'grid'}",
                    *launcher, *common], check=False, env=env)
     failed |= run(["-m", "selfdestruct.attack", "--multirun", "model_path=defend", "attack=benign", choice,
-                   f"hydra.sweep.dir={out / 'benign'}", named, *launcher, *common], check=False, env=env)
+                   f"hydra.sweep.dir={out / 'benign'}", *launcher, *common], check=False, env=env)
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())
