@@ -60,11 +60,12 @@ def _runs(report: Report, seed: int | None, defense: str) -> list[Run]:
 def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
     """One row per seed and defense that has attack runs (only runs under ``runs_of`` when given)."""
     out = []
+    under = None if runs_of is None else [p.resolve() for p in runs_of]
     for seed in report.seeds():
         for defense in report.defenses():
             runs = _runs(report, seed, defense)
-            if runs_of is not None:
-                runs = [r for r in runs if any(r.path.resolve().is_relative_to(p.resolve()) for p in runs_of)]
+            if under is not None:
+                runs = [r for r in runs if any(r.path.resolve().is_relative_to(p) for p in under)]
             if not runs:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
@@ -112,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no such directory: " + ", ".join(missing), file=sys.stderr)
         return 2
     roots = [*args.roots, *args.sft]
-    table = rows(build_report(roots, collect(roots)), args.roots)
-    if args.sft:
-        reference = rows(build_report(args.sft, collect(args.sft)))
-        table = [r for r in reference if r.defense == BASELINE_DEFENSE] + \
+    report = build_report(roots, collect(roots))
+    table = rows(report, args.roots)
+    if args.sft:  # one report of both: SFT rows from --sft only, the defenses' from the roots
+        table = [r for r in rows(report, args.sft) if r.defense == BASELINE_DEFENSE] + \
             [r for r in table if r.defense != BASELINE_DEFENSE]
         table.sort(key=lambda r: (r.seed is None, r.seed or 0))
     text = markdown(table)
