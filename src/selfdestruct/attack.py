@@ -24,7 +24,6 @@ from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_
 from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment, numerics_fingerprint
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.attack")
 
 
@@ -132,7 +131,7 @@ def attack(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="attack")
+@hydra.main(version_base="1.3", config_path=cc.CONF_DIR, config_name="attack")
 def main(cfg: DictConfig) -> float | None:
     """Returns the attack's success (metrics.json ``search.attack_success``): the value sweep=attack_search's
     sweeper maximises; None for a failed run, which the sweeper records as a failed trial."""

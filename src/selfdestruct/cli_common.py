@@ -29,6 +29,10 @@ from selfdestruct.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
 
+# The Hydra config tree ships inside the package (``conf/`` at the repository root links here), so a
+# non-editable install runs every entry point from any directory.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
 
 def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
     """Build ``cls`` from a config node; an unknown field is an error naming ``key.field``."""

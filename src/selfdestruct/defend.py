@@ -18,7 +18,6 @@ from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_
 from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.defend")
 
 
@@ -57,7 +56,7 @@ def defend(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="defend")
+@hydra.main(version_base="1.3", config_path=cc.CONF_DIR, config_name="defend")
 def main(cfg: DictConfig) -> None:
     run_job(lambda: defend(cfg), hydra_output_dir())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
@@ -16,7 +15,6 @@ from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import hydra_output_dir, run_job
 from selfdestruct.utils.provenance import environment
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("selfdestruct.evaluate")
 
 
@@ -37,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=cc.CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_job(lambda: evaluate(cfg), hydra_output_dir())
 
