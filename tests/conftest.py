@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
 
 # Smoke-test settings: the micro model, one batch per stage, a few evaluation examples.
 SMOKE_OVERRIDES = [

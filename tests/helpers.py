@@ -9,7 +9,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from selfdestruct.cli_common import CONF_DIR as _CONF_DIR
+
+CONF_DIR = Path(_CONF_DIR)
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:

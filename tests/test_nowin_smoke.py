@@ -19,6 +19,7 @@ from selfdestruct.objectives.ctrap import CtrapParams
 from selfdestruct.objectives.seam import SeamParams
 from selfdestruct.pipeline.defense import parse_params
 from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.report.nowin import build_table
 
 REPO = Path(__file__).resolve().parents[1]
 LRS, SAMPLES = (2e-4, 3e-4, 5e-4), (100, 500, 1000)
@@ -70,9 +71,8 @@ def _fake_tree(out: Path) -> None:
 
 
 def test_driver_table_on_a_fake_tree(tmp_path):
-    driver = _driver()
     _fake_tree(tmp_path)
-    markdown, data = driver.build_table(tmp_path, order=["sft", "trap"])
+    markdown, data = build_table(tmp_path, order=["sft", "trap"])
     rows = {r["defense"]: r for r in data["defenses"]}
     assert list(rows) == ["sft", "trap"]
     sft, trap = rows["sft"], rows["trap"]
@@ -96,7 +96,7 @@ def test_driver_table_on_a_fake_tree(tmp_path):
 
 
 def test_driver_table_on_an_empty_tree(tmp_path):
-    markdown, data = _driver().build_table(tmp_path)
+    markdown, data = build_table(tmp_path)
     assert data["defenses"] == [] and "no runs" in markdown
 
 
@@ -249,3 +249,21 @@ def test_ctrap_recipe_table_on_a_fake_tree(tmp_path):
         "collapse-token share, strongest ctrap_paper_tiny cell: harmful / benign prompts"]
     assert "Attack grid, cell by cell:" in markdown and "sweep=ctrap_paper_tiny, cell by cell:" in markdown
     assert recipe.build_table(tmp_path / "nothing")[0] == "no runs found\n"
+
+
+def test_driver_runs_each_defense_through_every_stage(tmp_path, monkeypatch):
+    driver = _driver()
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(driver, "run", lambda args: calls.append(tuple(args)) or 0)
+    monkeypatch.setattr(driver, "measure_geometry", lambda out: [])
+    times = driver.run_all(tmp_path, ["sft", "ctrap"], [0, 2], ["eval.max_examples=4"], ctrap_epochs=1)
+    assert set(times) == {"defend", "grid", "benign", "geometry", "report"}
+    def stage(call: tuple[str, ...]) -> str:
+        return {"selfdestruct.defend": "defend", "selfdestruct.report": "report"}.get(call[1]) or \
+            ("grid" if "experiment=nowin" in call else "benign" if "attack=benign" in call else "?")
+
+    assert [stage(c) for c in calls] == ["defend", "grid", "benign"] * 2 + ["report"]
+    for call, option in zip(calls[:6], ["sft"] * 3 + ["ctrap"] * 3):
+        assert f"defense={option}" in call and "eval.max_examples=4" in call
+        assert ("defense.optim.epochs=1" in call) == (option == "ctrap")
+        assert any(a in call for a in ("seed=0,2", "hydra.sweeper.params.seed='0,2'"))

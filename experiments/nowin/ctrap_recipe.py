@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from selfdestruct.report.collect import collect, number
+from selfdestruct.report.nowin import build_rows, fmt, render_markdown
 from selfdestruct.report.verdict import BASELINE_DEFENSE, build_report, median
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +46,7 @@ STAGES = ("defend", "grid", "preset", "benign")
 
 
 def _nowin():
-    """The no-win driver (``run.py`` beside this file), whose table code this comparison reuses."""
+    """The no-win driver (``run.py`` beside this file), whose commands and labels this comparison reuses."""
     name = "nowin_run"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, HERE / "run.py")
@@ -135,7 +136,7 @@ def run_all(out: Path, options: Sequence[str], seeds: Sequence[int], overrides: 
 def _rows(roots: Sequence[Path], order: Sequence[str]) -> dict[str, Any]:
     roots = [p for p in roots if p.is_dir()]
     runs = collect(roots) if roots else []
-    return {row.defense: row for row in nowin.build_rows(build_report(roots, runs), [], order)}
+    return {row.defense: row for row in build_rows(build_report(roots, runs), [], order)}
 
 
 def benign_utility(out: Path) -> dict[str, float | None]:
@@ -156,7 +157,7 @@ def build_table(out: Path, order: Sequence[str] = ()) -> tuple[str, dict[str, An
     names = [n for n in order if n in grid or n in preset] + sorted((set(grid) | set(preset)) - set(order))
     if not names:
         return "no runs found\n", {"defenses": []}
-    f = nowin._f
+    f = fmt
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
     def line(what: str, fn) -> None:
@@ -193,8 +194,8 @@ def build_table(out: Path, order: Sequence[str] = ()) -> tuple[str, dict[str, An
     markdown = "\n".join([
         "No-win counts are over the cells' medians across seeds (SPEC §5 verdicts, as in run.py); per seed, each "
         "seed's own cells.", "", *lines, "",
-        "Attack grid, cell by cell:", "", nowin.render_markdown([grid[n] for n in names if n in grid]).rstrip(), "",
-        f"sweep={PRESET}, cell by cell:", "", nowin.render_markdown([preset[n] for n in names if n in preset]).rstrip(),
+        "Attack grid, cell by cell:", "", render_markdown([grid[n] for n in names if n in grid]).rstrip(), "",
+        f"sweep={PRESET}, cell by cell:", "", render_markdown([preset[n] for n in names if n in preset]).rstrip(),
     ]) + "\n"
     data = {"defenses": names, "grid": [asdict(grid[n]) for n in names if n in grid],
             "preset": [asdict(preset[n]) for n in names if n in preset], "benign_utility_after": after_benign}

@@ -23,6 +23,7 @@ from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment, numerics_fingerprint
+from selfdestruct.utils.run_metrics import METRICS_FILE, AttackRecord, RunMetrics
 
 log = logging.getLogger("selfdestruct.attack")
 
@@ -80,7 +81,7 @@ def attack(cfg: DictConfig) -> dict:
     run_dir = hydra_output_dir()
     done = complete_metrics(run_dir, ("defense", "attack", "pre", "post"))
     if done is not None and not cfg.force:
-        log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
+        log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return {**done, "search": search_metrics(done["pre"], done["post"], attack_objective(cfg))}
     cc.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
@@ -110,24 +111,16 @@ def attack(cfg: DictConfig) -> dict:
     log_summary(loggers, {**{f"pre/{k}": v for k, v in pre.items()}, **{f"post/{k}": v for k, v in post.items()},
                           **{f"search/{k}": v for k, v in search.items()}})
     write_json_atomic(run_dir / "samples.json", {"pre": pre_samples, "post": post_samples})
-    metrics = {
-        "defense": provenance.get("defense", "unknown"),
-        "attack": {"kind": spec.name, "lr": spec.lr, "num_samples": spec.num_samples, "epochs": spec.epochs,
-                   **({"poison_ratio": spec.poison_ratio} if spec.data == "mixed" else {}),
-                   "config": dataclasses.asdict(spec)},
-        "seed": int(cfg.seed),
-        "pre": pre,
-        "post": post,
-        "search": search,
-        "aligned": provenance.get("aligned_metrics", {}),
-        "model_path": str(model_path),
-        "overrides": identity_overrides(),
-        "environment": environment(),
-    }
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    record = AttackRecord(kind=spec.name, lr=spec.lr, num_samples=spec.num_samples, epochs=spec.epochs,
+                          poison_ratio=spec.poison_ratio if spec.data == "mixed" else None,
+                          config=dataclasses.asdict(spec))
+    metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre, attack=record,
+                         post=post, search=search, aligned=provenance.get("aligned_metrics", {}),
+                         model_path=str(model_path), overrides=identity_overrides(),
+                         environment=environment()).write(run_dir)
     if not cfg.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    log.info("metrics: %s", run_dir / "metrics.json")
+    log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics
 
 

@@ -17,6 +17,7 @@ from selfdestruct.utils.io import publish_dir, staging_dir, write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment
+from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
 
 log = logging.getLogger("selfdestruct.defend")
 
@@ -32,7 +33,7 @@ def defend(cfg: DictConfig) -> dict:
     run_dir = hydra_output_dir()
     done = complete_metrics(run_dir, ("defense", "pre"))
     if done is not None and not cfg.force:
-        log.info("%s is complete; skipping (force=true recomputes)", run_dir / "metrics.json")
+        log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return done
     cc.check_launch(cfg)
     spec = cc.check_stages(cfg)  # every config group checked before any work
@@ -46,13 +47,12 @@ def defend(cfg: DictConfig) -> dict:
     log_summary(loggers, {f"defend/{k}": v for k, v in pre.items()})
     write_json_atomic(run_dir / "samples.json", {"pre": samples})
     provenance = read_provenance(defended)
-    metrics = {"defense": provenance.get("defense", cfg.defense.name), "seed": int(cfg.seed), "pre": pre,
-               "aligned": provenance.get("aligned_metrics", {}), "num_parameters": count_parameters(model),
-               "model_path": str(run_dir / "model"), "overrides": identity_overrides(),
-               "environment": environment()}
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    metrics = RunMetrics(defense=provenance.get("defense", cfg.defense.name), seed=int(cfg.seed), pre=pre,
+                         aligned=provenance.get("aligned_metrics", {}), num_parameters=count_parameters(model),
+                         model_path=str(run_dir / "model"), overrides=identity_overrides(),
+                         environment=environment()).write(run_dir)
     log.info("defended model: %s", run_dir / "model")
-    log.info("metrics: %s", run_dir / "metrics.json")
+    log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics
 
 

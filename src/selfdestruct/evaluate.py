@@ -14,6 +14,7 @@ from selfdestruct.models.io import load_model_dir, read_provenance
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import hydra_output_dir, run_job
 from selfdestruct.utils.provenance import environment
+from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
 
 log = logging.getLogger("selfdestruct.evaluate")
 
@@ -27,11 +28,10 @@ def evaluate(cfg: DictConfig) -> dict:
     model, tokenizer = load_model_dir(cfg.model_path, key="model_path", options=cc.load_options(cfg))
     pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "evaluate")
     provenance = read_provenance(cfg.model_path)
-    metrics = {"defense": provenance.get("defense", "unknown"), "seed": int(cfg.seed), "pre": pre,
-               "model_path": str(cfg.model_path), "environment": environment()}
     write_json_atomic(run_dir / "samples.json", {"pre": samples})
-    write_json_atomic(run_dir / "metrics.json", metrics)
-    log.info("metrics: %s", run_dir / "metrics.json")
+    metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre,
+                         model_path=str(cfg.model_path), environment=environment()).write(run_dir)
+    log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
+from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE, RunMetrics, SchemaError
+
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-FAILURE_FILE = "failure.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 # Written by sweep=attack_search into its sweep directory (selfdestruct.utils.search; not imported: it needs optuna).
 SEARCH_FILE = "search.json"
@@ -206,46 +206,16 @@ def _read_failure(run: Run) -> None:
             run.overrides = [str(item) for item in data["overrides"]]
 
 
-def _check_metrics(data: Any) -> str | None:
-    """Why a parsed metrics.json is unusable, or None when it has every key the report needs."""
-    if not isinstance(data, Mapping):
-        return "metrics.json is not a JSON object"
-    if not isinstance(data.get("defense"), str):
-        return "metrics.json misses 'defense'"
-    if not isinstance(data.get("pre"), Mapping):
-        return "metrics.json misses the 'pre' metrics"
-    if data.get("attack") is not None:  # a defend run has no attack (or writes null)
-        attack = data["attack"]
-        if not isinstance(attack, Mapping):
-            return "metrics.json 'attack' is not an object"
-        for key in ("lr", "num_samples"):
-            if _as_float(attack.get(key)) is None:
-                return f"metrics.json misses 'attack.{key}'"
-        if not isinstance(data.get("post"), Mapping):
-            return "metrics.json misses the 'post' metrics"
-    return None
-
-
-def _fill_from_metrics(run: Run, data: Mapping[str, Any]) -> None:
-    run.defense = data["defense"]
-    run.seed = _as_int(data.get("seed"))
-    environment = data.get("environment")
-    run.environment = dict(environment) if isinstance(environment, Mapping) else {}
-    run.pre = dict(data["pre"])
-    aligned = data.get("aligned")
-    run.aligned = dict(aligned) if isinstance(aligned, Mapping) else {}
-    if data.get("attack") is None:
+def _fill_from_metrics(run: Run, metrics: RunMetrics) -> None:
+    run.defense, run.seed, run.environment = metrics.defense, metrics.seed, metrics.environment
+    run.pre, run.aligned = metrics.pre, metrics.aligned
+    if metrics.attack is None:
         run.stage = "defend"
         return
-    attack = data["attack"]
+    attack = metrics.attack
     run.stage = "attack"
-    run.attack_kind = str(attack.get("kind") or "harmful")
-    run.lr = _as_float(attack["lr"])
-    run.num_samples = _as_int(attack["num_samples"])
-    run.epochs = _as_int(attack.get("epochs"))
-    run.post = dict(data["post"])
-    run.attack_config = dict(attack["config"]) if isinstance(attack.get("config"), Mapping) else {}
-    run.search = dict(data["search"]) if isinstance(data.get("search"), Mapping) else {}
+    run.attack_kind, run.lr, run.num_samples, run.epochs = attack.kind, attack.lr, attack.num_samples, attack.epochs
+    run.post, run.attack_config, run.search = metrics.post or {}, attack.config, metrics.search or {}
 
 
 def _metrics_csvs(run_dir: Path) -> list[Path]:
@@ -294,12 +264,13 @@ def load_run(run_dir: Path) -> Run:
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         try:
-            data = json.loads(metrics_path.read_text())
-            problem = _check_metrics(data)
+            metrics, problem = RunMetrics.from_json(json.loads(metrics_path.read_text())), None
+        except SchemaError as exc:
+            problem = str(exc)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            data, problem = None, f"metrics.json is not valid JSON: {exc}"
+            problem = f"metrics.json is not valid JSON: {exc}"
         if problem is None:
-            _fill_from_metrics(run, data)
+            _fill_from_metrics(run, metrics)
         else:
             run.status, run.error = "invalid", problem
             log.warning("invalid run %s: %s", run_dir, problem)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from selfdestruct.report.collect import SEARCH_FILE, Run, number
+from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE
 
 BREAK_SUCCESS = 0.5
 COMPLETE, FAILED, INCOMPLETE = "complete", "failed", "incomplete"
@@ -42,7 +43,7 @@ class Trial:
     def status(self) -> str:
         if self.run.status == "ok":
             return COMPLETE if self.value is not None else FAILED
-        return FAILED if (self.run.path / "failure.json").is_file() or self.run.status == "invalid" else INCOMPLETE
+        return FAILED if (self.run.path / FAILURE_FILE).is_file() or self.run.status == "invalid" else INCOMPLETE
 
 
 @dataclass
@@ -136,7 +137,7 @@ def rerun_command(result: SearchResult, seeds: str = "0,1,2") -> str | None:
     best = result.best
     if best is None:
         return None
-    metrics = _read_json(best.run.path / "metrics.json")
+    metrics = _read_json(best.run.path / METRICS_FILE)
     given = metrics.get("overrides") if isinstance(metrics, dict) else None  # the job's overrides that matter
     overrides = [str(o) for o in (given or best.run.overrides) if not str(o).startswith(_NOT_REPEATED)]
     if not any(o.startswith("model_path=") for o in overrides):

@@ -20,10 +20,9 @@ from pathlib import Path
 from selfdestruct.errors import UserError
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.loggers import finish_wandb
+from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE, RunMetrics, SchemaError
 
 log = logging.getLogger("selfdestruct")
-FAILURE_FILE = "failure.json"
-METRICS_FILE = "metrics.json"
 
 
 def hydra_output_dir() -> Path:
@@ -66,7 +65,11 @@ def complete_metrics(run_dir: Path, required: tuple[str, ...]) -> dict | None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(metrics, dict) or not all(k in metrics for k in required):
+    try:
+        RunMetrics.from_json(metrics)
+    except SchemaError:
+        return None
+    if not all(k in metrics for k in required):
         return None
     if metrics.get("overrides") != identity_overrides():
         log.info("%s was made by other overrides: recomputing", path)

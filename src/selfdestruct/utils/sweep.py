@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from selfdestruct.utils.job import FAILURE_FILE, METRICS_FILE
+from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE
 
 log = logging.getLogger("selfdestruct.sweep")
 

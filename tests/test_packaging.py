@@ -1,0 +1,40 @@
+"""The package carries its configs: a built wheel holds every Hydra config file, and ``--help`` lists the groups
+from outside the repository (what a non-editable ``pip install .`` relies on)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from selfdestruct.cli_common import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_conf_is_the_package_conf():
+    assert (REPO / "conf").resolve() == Path(CONF_DIR).resolve()
+    assert Path(CONF_DIR).is_relative_to(REPO / "src" / "selfdestruct")
+
+
+def test_wheel_holds_every_config_and_the_search_plugin(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("selfdestruct-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"selfdestruct/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in Path(CONF_DIR).rglob("*.yaml")}
+    assert len(configs) >= 40
+    assert configs <= names, sorted(configs - names)
+    assert "hydra_plugins/selfdestruct_search/resumable_optuna_sweeper.py" in names
+
+
+def test_help_lists_the_config_groups_from_any_directory(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "selfdestruct.defend", "--help"], check=True, capture_output=True,
+                         text=True, cwd=tmp_path, env=env).stdout
+    groups = dict(line.split(": ", 1) for line in out.split("== Config ==")[0].splitlines() if ": " in line)
+    assert set(groups) >= {"defense", "attack", "model", "sweep", "trainer", "intensity"}
+    defenses = {p.stem for p in (Path(CONF_DIR) / "defense").glob("*.yaml")}
+    assert set(groups["defense"].split(", ")) == defenses
