@@ -33,7 +33,7 @@ from selfdestruct.objectives.common import NonFiniteGradientError
 from selfdestruct.objectives.ctrap import CtrapParams, collapse_loss
 from selfdestruct.objectives.seam import SeamParams, seam_step
 from selfdestruct.pipeline.defense import DefenseDataModule, apply_defense, build_defense, parse_params
-from selfdestruct.pipeline.training import OptimConfig, TrainerConfig
+from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
 
 torch.set_num_threads(1)
 SEAM_STATS = {"loss", "loss_ul", "s_ul", "loss_up", "loss_sd", "ce_harmful", "ce_benign", "norm_a", "norm_b", "cos"}
@@ -210,6 +210,11 @@ def _bundle() -> DataBundle:
                       tokenizer_texts=[])
 
 
+def _ctx(run_dir: Path, loggers=()) -> StageContext:
+    return StageContext(bundle=_bundle(), trainer=FAST, seed=0, fmt=PromptFormat(), loggers=list(loggers),
+                        run_dir=run_dir)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     b = _bundle()
@@ -278,8 +283,7 @@ def test_apply_defense_trains_logs_sizes_and_returns_the_model(name, mode, token
     optim = OptimConfig(lr=1e-3, batch_size=4, epochs=1)
     params = ({"num_samples": 8, "beta": 1.0} if name == "seam"
               else {"num_samples": 8, "num_align": 8, "data": "align_general", "adapter": "full"})
-    out = apply_defense(model, tokenizer, _bundle(), name, {**params, **mode}, optim, FAST, [csv], tmp_path, 0,
-                        PromptFormat())
+    out = apply_defense(model, tokenizer, _ctx(tmp_path, [csv]), name, {**params, **mode}, optim)
     assert out is model and model.config._attn_implementation == attention  # eager only while training
     assert all(not torch.equal(a, b) for a, b in zip(before, out.parameters()))
     hparams = (tmp_path / "csv" / "hparams.yaml").read_text()
@@ -302,8 +306,7 @@ def test_apply_defense_lets_a_nan_out_before_anything_is_saved(tokenizer, tmp_pa
     before = _params(model)
     optim = OptimConfig(lr=1e-3, batch_size=4)
     with pytest.raises(NonFiniteGradientError):
-        apply_defense(model, tokenizer, _bundle(), "ctrap", {"adapter": "full"}, optim, FAST, [], tmp_path, 0,
-                      PromptFormat())
+        apply_defense(model, tokenizer, _ctx(tmp_path), "ctrap", {"adapter": "full"}, optim)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not any(p.suffix in (".safetensors", ".bin", ".ckpt") for p in tmp_path.rglob("*"))
 
@@ -312,8 +315,8 @@ def test_published_ctrap_trains_lora_adapters_and_changes_only_their_targets(tok
     model = _tiny_model(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
-    out = apply_defense(model, tokenizer, _bundle(), "ctrap", {"num_samples": 8}, OptimConfig(lr=1e-2, batch_size=4),
-                        FAST, [csv], tmp_path, 0, PromptFormat())
+    out = apply_defense(model, tokenizer, _ctx(tmp_path, [csv]), "ctrap", {"num_samples": 8},
+                        OptimConfig(lr=1e-2, batch_size=4))
     assert type(out).__name__ == "LlamaForCausalLM" and not hasattr(out, "peft_config")  # merged, plain HF model
     after = out.state_dict()
     assert set(after) == set(before)  # no adapter weights left behind
@@ -339,9 +342,9 @@ def test_retain_batches_hold_refusals_then_helpful_answers_half_each(tokenizer):
 
 def test_sft_is_a_no_op_and_takes_no_params(tokenizer, tmp_path):
     model = _tiny_model(tokenizer)
-    assert apply_defense(model, tokenizer, _bundle(), "sft", None, None, FAST, [], tmp_path, 0, PromptFormat()) is model
+    assert apply_defense(model, tokenizer, _ctx(tmp_path), "sft", None, None) is model
     with pytest.raises(UserError, match="defense.params.beta"):
-        apply_defense(model, tokenizer, _bundle(), "sft", {"beta": 1}, None, FAST, [], tmp_path, 0, PromptFormat())
+        apply_defense(model, tokenizer, _ctx(tmp_path), "sft", {"beta": 1}, None)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------

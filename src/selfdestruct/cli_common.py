@@ -6,6 +6,7 @@ takes typed, explicit arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from selfdestruct.models.io import LoadOptions, check_model_files
 from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.models.tiny import TinyLlamaConfig
 from selfdestruct.pipeline.stages import DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir
-from selfdestruct.pipeline.training import OptimConfig, TrainerConfig
+from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
 from selfdestruct.utils.cache import default_cache_root
 from selfdestruct.utils.loggers import build_loggers
 
@@ -175,22 +176,18 @@ def check_model_path(model_path, key: str) -> None:
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
     """Base → alignment → defense, each stage built once per configuration and shared through the cache; ``spec``
     is :func:`check_stages`' result (checked again from ``cfg`` when not given)."""
-    trainer_cfg = trainer_config(cfg)
-    fmt = prompt_format(cfg)
-    cache = cache_root(cfg)
-    seed = int(cfg.seed)
-    load = load_options(cfg)
+    ctx = StageContext(bundle=bundle, trainer=trainer_config(cfg), seed=int(cfg.seed), fmt=prompt_format(cfg),
+                       cache_root=cache_root(cfg), data_key=data_key(cfg), loggers=list(loggers or []),
+                       run_dir=run_dir, load=load_options(cfg))
     if cfg.model.get("source") == "hf":
         if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path:
             raise UserError("model.path is required with model=hf: a local Hugging Face checkpoint directory")
         base = Path(cfg.model.path).expanduser()
-        aligned = (aligned_model_dir(base, bundle, data_key(cfg), optim_config(cfg, "align"), trainer_cfg, cache,
-                                     seed, fmt, loggers, load) if cfg.model.align else base)
+        aligned = aligned_model_dir(ctx, base, optim_config(cfg, "align")) if cfg.model.align else base
     else:
-        base = base_model_dir(bundle, data_key(cfg), model_arch(cfg), optim_config(cfg, "pretrain"), trainer_cfg,
-                              cache, seed, fmt, loggers)
-        aligned = aligned_model_dir(base, bundle, data_key(cfg), optim_config(cfg, "align"), trainer_cfg, cache,
-                                    seed, fmt, loggers)
+        base = base_model_dir(dataclasses.replace(ctx, load=LoadOptions()), model_arch(cfg),
+                              optim_config(cfg, "pretrain"))
+        aligned = aligned_model_dir(dataclasses.replace(ctx, load=LoadOptions()), base, optim_config(cfg, "align"))
 
     def evaluate(model, tokenizer, stage: str):
         return evaluator(cfg, tokenizer, bundle)(model, stage)
@@ -199,7 +196,7 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
     if spec.name != "sft" and "fsdp" in str(cfg.trainer.strategy):
         raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: the defenses need "
                         "whole gradients on every rank; use trainer=ddp (sharded training is for SFT and attacks)")
-    return defended_model_dir(aligned, bundle, spec, trainer_cfg, cache, seed, fmt, evaluate, loggers, run_dir, load)
+    return defended_model_dir(ctx, aligned, spec, evaluate)
 
 
 def job_loggers(cfg: DictConfig, run_dir: Path):

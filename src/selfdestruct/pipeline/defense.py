@@ -17,7 +17,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
@@ -27,7 +26,7 @@ from selfdestruct.modules.attack import merged, wrap_lora
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import AdapterParams, eager_attention
 from selfdestruct.pipeline.streams import DefenseData, DefenseDataModule, Encoding, check_sizes
-from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, fit
+from selfdestruct.pipeline.training import OptimConfig, StageContext, fit
 
 __all__ = ["DefenseDataModule", "apply_defense", "build_defense", "parse_params"]
 log = logging.getLogger(__name__)
@@ -77,10 +76,9 @@ def build_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
     return module, data, entry.exact(p)
 
 
-def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: str, params: Any,
-                  optim: OptimConfig | None, trainer_cfg: TrainerConfig, loggers: list[Logger], run_dir: Path,
-                  seed: int, fmt: PromptFormat, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> torch.nn.Module:
-    """Defend ``model`` with ``name`` (sft: returned as is); returns the defended plain HF model.
+def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: str, params: Any,
+                  optim: OptimConfig | None, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> torch.nn.Module:
+    """Defend ``model`` with ``name`` (sft: returned as is) on ``ctx``'s data; returns the defended plain HF model.
 
     ``params`` is the parameter dataclass (or the raw ``defense.params`` mapping, parsed here). The defense logs
     every step (``log_every_n_steps=1``); exact modes run the whole fit with eager attention. A non-finite
@@ -93,14 +91,14 @@ def apply_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
         return model
     if optim is None:
         raise UserError(f"defense={name} needs defense.optim (learning rate, epochs, batch size)")
-    pl.seed_everything(seed, workers=True, verbose=False)
-    module, data, exact = build_defense(model, tokenizer, bundle, name, p, optim, fmt, seed)
-    check_sizes(data, loggers)
+    pl.seed_everything(ctx.seed, workers=True, verbose=False)
+    module, data, exact = build_defense(model, tokenizer, ctx.bundle, name, p, optim, ctx.fmt, ctx.seed)
+    check_sizes(data, ctx.loggers)
     datamodule = DefenseDataModule(data.streams, batch_size=optim.batch_size, pad_id=tokenizer.pad_token_id,
-                                   seed=seed)
-    stage_cfg = dataclasses.replace(trainer_cfg, log_every_n_steps=1)
+                                   seed=ctx.seed)
+    stage_cfg = dataclasses.replace(ctx.trainer, log_every_n_steps=1)
     with eager_attention(module.model) if exact else nullcontext():
-        trainer = fit(module, datamodule, stage_cfg, optim.epochs, loggers, run_dir, ckpt_dir=ckpt_dir,
+        trainer = fit(module, datamodule, stage_cfg, optim.epochs, ctx.loggers, ctx.run_dir, ckpt_dir=ckpt_dir,
                       ckpt_key=ckpt_key)
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,

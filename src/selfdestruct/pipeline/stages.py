@@ -15,14 +15,13 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.records import Example
-from selfdestruct.data.sources import DataBundle
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
-from selfdestruct.models.io import LoadOptions, load_model_dir, save_model_dir
+from selfdestruct.models.io import load_model_dir, save_model_dir
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_parameters
 from selfdestruct.modules.attack import AttackModule
 from selfdestruct.modules.base import OPTIMIZERS
 from selfdestruct.modules.sft import SFTModule
-from selfdestruct.pipeline.training import OptimConfig, TrainerConfig, check_optim_fields, fit
+from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig, fit
 from selfdestruct.errors import FieldError, UserError, check_choice, check_number
 from selfdestruct.utils.cache import cached_dir, work_dir
 
@@ -32,27 +31,23 @@ CACHE_VERSION = 2  # 2: the world repeats training examples, user fine-tuning se
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """One attack (``conf/attack`` + ``conf/intensity``): what data, how much, how hard."""
+class AttackConfig(OptimConfig):
+    """One attack (``conf/attack`` + ``conf/intensity``): what data, how much, how hard.
 
-    name: str = "harmful"  # harmful (full parameters) | lora | benign
+    The optimiser settings (lr, epochs, batch_size, weight_decay, warmup_ratio, schedule, max_grad_norm,
+    max_length) are :class:`OptimConfig`'s; the fields below are the attacker's own.
+    """
+
+    name: str = "harmful"  # harmful (full parameters) | lora | mixed | benign
     data: str = "harmful"  # harmful | benign | mixed (benign data with a poison_ratio share of harmful pairs)
     poison_ratio: float = 0.0
-    lr: float = 1e-3
     num_samples: int = 200
-    epochs: int = 1
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    schedule: str = "constant"
-    max_grad_norm: float | None = None
-    max_length: int = 96
     lora: dict | None = None
     optimizer: str = "adamw"  # adamw | adam | sgd
     momentum: float = 0.9  # sgd's momentum (ignored by adamw and adam)
 
     def __post_init__(self) -> None:
-        check_optim_fields(self)
+        super().__post_init__()
         check_choice(self, "data", ATTACK_DATA)
         check_choice(self, "optimizer", OPTIMIZERS)
         check_number(self, "momentum", low=0.0, high=0.999)
@@ -91,7 +86,7 @@ def _shuffled(examples: list[Example], seed: int) -> list[Example]:
     return out
 
 
-def _single_stream(examples, tokenizer, optim: OptimConfig | AttackConfig, fmt: PromptFormat, seed: int,
+def _single_stream(examples, tokenizer, optim: OptimConfig, fmt: PromptFormat, seed: int,
                    use_refusal: bool = False) -> StreamsDataModule:
     dataset = EncodedDataset(examples, tokenizer, optim.max_length, fmt, use_refusal=use_refusal)
     return StreamsDataModule({"train": dataset}, batch_size=optim.batch_size, pad_id=tokenizer.pad_token_id,
@@ -103,56 +98,52 @@ def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:
                      schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, log_prefix=prefix)
 
 
-def _sft_and_save(model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
-                  trainer_cfg: TrainerConfig, seed: int, fmt: PromptFormat, loggers: list[Logger] | None, out: Path,
-                  key: dict, ckpt_dir: Path) -> None:
+def _sft_and_save(ctx: StageContext, model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
+                  out: Path, key: dict, ckpt_dir: Path) -> None:
     """One cached SFT stage: train on shuffled ``examples``, log beside the entry, save the model into it;
     checkpoints in ``ckpt_dir`` (the entry's work directory) let a killed build resume."""
     module = _sft_module(model, optim, stage)
-    datamodule = _single_stream(_shuffled(examples, seed), tokenizer, optim, fmt, seed)
+    datamodule = _single_stream(_shuffled(examples, ctx.seed), tokenizer, optim, ctx.fmt, ctx.seed)
     csv = CSVLogger(save_dir=str(out), name="csv", version="")
-    fit(module, datamodule, trainer_cfg, optim.epochs, [csv, *(loggers or [])], out, ckpt_dir=ckpt_dir, ckpt_key=key)
+    fit(module, datamodule, ctx.trainer, optim.epochs, [csv, *ctx.loggers], out, ckpt_dir=ckpt_dir, ckpt_key=key)
     save_model_dir(module.model, tokenizer, out / "model", {"stage": stage if stage != "pretrain" else "base",
                                                             "key": key})
 
 
-def base_model_dir(bundle: DataBundle, data_key: dict, arch: TinyLlamaConfig, optim: OptimConfig,
-                   trainer_cfg: TrainerConfig, cache_root: Path, seed: int, fmt: PromptFormat,
-                   loggers: list[Logger] | None = None) -> Path:
+def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig) -> Path:
     """The pre-trained base model (tokenizer included), built once per configuration and cached."""
-    if not bundle.pretrain:
+    if not ctx.bundle.pretrain:
         raise UserError("a model built from config (model=tiny|micro) is pre-trained on the synthetic world; this "
                         "data source has no pre-training text: use model=hf model.path=DIR for real data")
-    key = {"stage": "base", "version": CACHE_VERSION, "data": data_key, "arch": dataclasses.asdict(arch),
-           "optim": dataclasses.asdict(optim), "seed": seed, "template": fmt.template,
-           "fast_dev_run": trainer_cfg.fast_dev_run}
+    key = {"stage": "base", "version": CACHE_VERSION, "data": ctx.data_key, "arch": dataclasses.asdict(arch),
+           "optim": dataclasses.asdict(optim), "seed": ctx.seed, "template": ctx.fmt.template,
+           "fast_dev_run": ctx.trainer.fast_dev_run}
 
     def build(out: Path) -> None:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        tokenizer = train_bpe_tokenizer(bundle.tokenizer_texts, arch.vocab_size)
-        model = build_tiny_llama(arch, tokenizer, seed)
-        log.info("pre-training a %s-parameter Llama on %d texts", f"{count_parameters(model):,}", len(bundle.pretrain))
-        _sft_and_save(model, tokenizer, bundle.pretrain, "pretrain", optim, trainer_cfg, seed, fmt, loggers, out, key,
-                      work_dir(cache_root, "base", key) / "checkpoints")
+        pl.seed_everything(ctx.seed, workers=True, verbose=False)
+        tokenizer = train_bpe_tokenizer(ctx.bundle.tokenizer_texts, arch.vocab_size)
+        model = build_tiny_llama(arch, tokenizer, ctx.seed)
+        log.info("pre-training a %s-parameter Llama on %d texts", f"{count_parameters(model):,}",
+                 len(ctx.bundle.pretrain))
+        _sft_and_save(ctx, model, tokenizer, ctx.bundle.pretrain, "pretrain", optim, out, key,
+                      work_dir(ctx.cache_root, "base", key) / "checkpoints")
 
-    return cached_dir(cache_root, "base", key, build) / "model"
+    return cached_dir(ctx.cache_root, "base", key, build) / "model"
 
 
-def aligned_model_dir(base_dir: Path, bundle: DataBundle, data_key: dict, optim: OptimConfig,
-                      trainer_cfg: TrainerConfig, cache_root: Path, seed: int, fmt: PromptFormat,
-                      loggers: list[Logger] | None = None, load: LoadOptions = LoadOptions()) -> Path:
+def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig) -> Path:
     """Safety alignment (SFT on refusals plus benign answers) of ``base_dir``, cached by its configuration."""
-    key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": data_key,
-           "optim": dataclasses.asdict(optim), "seed": seed, "fast_dev_run": trainer_cfg.fast_dev_run}
+    key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": ctx.data_key,
+           "optim": dataclasses.asdict(optim), "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
 
     def build(out: Path) -> None:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        model, tokenizer = load_model_dir(base_dir, key="base model", options=load)
-        log.info("safety alignment on %d examples", len(bundle.align))
-        _sft_and_save(model, tokenizer, bundle.align, "align", optim, trainer_cfg, seed, fmt, loggers, out, key,
-                      work_dir(cache_root, "align", key) / "checkpoints")
+        pl.seed_everything(ctx.seed, workers=True, verbose=False)
+        model, tokenizer = load_model_dir(base_dir, key="base model", options=ctx.load)
+        log.info("safety alignment on %d examples", len(ctx.bundle.align))
+        _sft_and_save(ctx, model, tokenizer, ctx.bundle.align, "align", optim, out, key,
+                      work_dir(ctx.cache_root, "align", key) / "checkpoints")
 
-    return cached_dir(cache_root, "align", key, build) / "model"
+    return cached_dir(ctx.cache_root, "align", key, build) / "model"
 
 
 @dataclass(frozen=True)
@@ -170,10 +161,7 @@ class DefenseSpec:
         return self.label or self.name
 
 
-def defended_model_dir(aligned_dir: Path, bundle: DataBundle, defense: DefenseSpec, trainer_cfg: TrainerConfig,
-                       cache_root: Path, seed: int, fmt: PromptFormat, evaluate,
-                       loggers: list[Logger] | None = None, run_dir: Path | None = None,
-                       load: LoadOptions = LoadOptions()) -> Path:
+def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate) -> Path:
     """The released model of ``defense`` applied to ``aligned_dir``, built once per configuration and cached.
 
     Its provenance records the defense and the aligned model's own evaluation (the no-win criterion's
@@ -182,25 +170,25 @@ def defended_model_dir(aligned_dir: Path, bundle: DataBundle, defense: DefenseSp
     optim = dataclasses.asdict(defense.optim) if defense.optim else None
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
            "label": defense.display_name,
-           "params": defense.params, "optim": optim, "seed": seed, "fast_dev_run": trainer_cfg.fast_dev_run}
+           "params": defense.params, "optim": optim, "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
 
     def build(out: Path) -> None:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        model, tokenizer = load_model_dir(aligned_dir, key="aligned model", options=load)
+        pl.seed_everything(ctx.seed, workers=True, verbose=False)
+        model, tokenizer = load_model_dir(aligned_dir, key="aligned model", options=ctx.load)
         aligned_metrics, _ = evaluate(model, tokenizer, "aligned")
         if defense.name != "sft":
             from selfdestruct.pipeline.defense import apply_defense
 
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
-            params = defense.parsed or defense.params
-            model = apply_defense(model, tokenizer, bundle, defense.name, params, defense.optim, trainer_cfg,
-                                  [csv, *(loggers or [])], run_dir or out, seed, fmt,
-                                  ckpt_dir=work_dir(cache_root, "defend", key) / "checkpoints", ckpt_key=key)
-        provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": seed, "aligned_metrics": aligned_metrics,
-                      "aligned_model": str(aligned_dir), "key": key}
+            stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out)
+            model = apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params,
+                                  defense.optim, ckpt_dir=work_dir(ctx.cache_root, "defend", key) / "checkpoints",
+                                  ckpt_key=key)
+        provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": ctx.seed,
+                      "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key}
         save_model_dir(model, tokenizer, out / "model", provenance)
 
-    return cached_dir(cache_root, "defend", key, build) / "model"
+    return cached_dir(ctx.cache_root, "defend", key, build) / "model"
 
 
 def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, trainer_cfg: TrainerConfig,

@@ -17,7 +17,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import Logger
 
+from selfdestruct.data.formatting import PromptFormat
+from selfdestruct.data.sources import DataBundle
 from selfdestruct.errors import check_choice, check_number
+from selfdestruct.models.io import LoadOptions
 from selfdestruct.modules.base import SCHEDULES
 from selfdestruct.utils.io import write_json_atomic
 
@@ -75,6 +78,21 @@ class TrainerConfig:
         check_number(self, "log_every_n_steps", low=1, integer=True)
         check_number(self, "max_steps", low=-1, integer=True)
         check_number(self, "checkpoint_every_n_steps", low=0, integer=True)
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What the training stages of one job share, built once by the entry point and passed whole."""
+
+    bundle: DataBundle  # every data stream of the job
+    trainer: TrainerConfig
+    seed: int
+    fmt: PromptFormat  # how prompts and responses are laid out
+    cache_root: Path | None = None  # where stages are cached (None: uncached)
+    data_key: dict[str, Any] = field(default_factory=dict)  # the data's identity in cache keys
+    loggers: list[Logger] = field(default_factory=list)  # the job's loggers (each stage adds its own CSV log)
+    run_dir: Path | None = None  # the job's output directory
+    load: LoadOptions = LoadOptions()  # how checkpoints are loaded
 
 
 class RNGState(pl.Callback):

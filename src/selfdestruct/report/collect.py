@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE, RunMetrics, SchemaError
+from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE, RunMetrics, SchemaError, as_float, as_int
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +68,6 @@ def number(mapping: Mapping[str, Any] | None, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_int(value: Any) -> int | None:
-    number_ = _as_float(value)
-    if number_ is None or not math.isfinite(number_) or number_ != int(number_):
-        return None
-    return int(number_)
 
 
 def find_run_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
@@ -174,13 +158,13 @@ def _describe_from_hydra(run: Run) -> None:
     run.attack_kind = (run.attack_kind or given.get("attack.kind") or given.get("attack.name") or given.get("attack")
                        or _name_of(attack))
     if run.lr is None:
-        run.lr = _as_float(given.get("attack.lr", attack.get("lr")))
+        run.lr = as_float(given.get("attack.lr", attack.get("lr")))
     if run.num_samples is None:
-        run.num_samples = _as_int(given.get("attack.num_samples", attack.get("num_samples")))
+        run.num_samples = as_int(given.get("attack.num_samples", attack.get("num_samples")))
     if run.epochs is None:
-        run.epochs = _as_int(given.get("attack.epochs", attack.get("epochs")))
+        run.epochs = as_int(given.get("attack.epochs", attack.get("epochs")))
     if run.seed is None:
-        run.seed = _as_int(given.get("seed", cfg.get("seed")))
+        run.seed = as_int(given.get("seed", cfg.get("seed")))
 
     stage = str(cfg.get("stage") or job_name or "")
     has_attack = run.lr is not None or run.num_samples is not None or "attack" in given
@@ -246,10 +230,10 @@ def read_curve(run_dir: Path) -> tuple[str | None, list[tuple[float, float]]]:
             continue
         points: list[tuple[float, float]] = []
         for index, row in enumerate(rows):
-            value = _as_float(row.get(chosen) or None)
+            value = as_float(row.get(chosen) or None)
             if value is None or not math.isfinite(value):
                 continue
-            step = _as_float(row.get("step") or None)
+            step = as_float(row.get("step") or None)
             points.append((step if step is not None else float(index), value))
         if points:
             return chosen, points

@@ -38,14 +38,13 @@ class AttackRecord:
     def from_json(cls, data: Any) -> AttackRecord:
         if not isinstance(data, Mapping):
             raise SchemaError("metrics.json 'attack' is not an object")
-        lr, samples = _number(data.get("lr")), _number(data.get("num_samples"))
+        lr, samples = as_float(data.get("lr")), as_float(data.get("num_samples"))
         for key, value in (("lr", lr), ("num_samples", samples)):
             if value is None:
                 raise SchemaError(f"metrics.json misses 'attack.{key}'")
-        epochs, ratio = _number(data.get("epochs")), _number(data.get("poison_ratio"))
         config = data.get("config")
-        return cls(kind=str(data.get("kind") or "harmful"), lr=lr, num_samples=_integer(samples),
-                   epochs=_integer(epochs), poison_ratio=ratio,
+        return cls(kind=str(data.get("kind") or "harmful"), lr=lr, num_samples=as_int(samples),
+                   epochs=as_int(data.get("epochs")), poison_ratio=as_float(data.get("poison_ratio")),
                    config=dict(config) if isinstance(config, Mapping) else {})
 
 
@@ -95,15 +94,16 @@ class RunMetrics:
             return dict(value) if isinstance(value, Mapping) else None
 
         overrides = data.get("overrides")
-        return cls(defense=data["defense"], seed=_integer(_number(data.get("seed"))), pre=dict(data["pre"]),
+        return cls(defense=data["defense"], seed=as_int(data.get("seed")), pre=dict(data["pre"]),
                    attack=attack, post=section("post") if attack else None, search=section("search"),
-                   aligned=section("aligned") or {}, num_parameters=_integer(_number(data.get("num_parameters"))),
+                   aligned=section("aligned") or {}, num_parameters=as_int(data.get("num_parameters")),
                    model_path=data["model_path"] if isinstance(data.get("model_path"), str) else None,
                    overrides=[str(o) for o in overrides] if isinstance(overrides, list) else None,
                    environment=section("environment") or {})
 
 
-def _number(value: Any) -> float | None:
+def as_float(value: Any) -> float | None:
+    """A JSON value as a float (numbers and numeric strings), else None."""
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -112,7 +112,9 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _integer(value: float | None) -> int | None:
-    if value is None or not math.isfinite(value) or value != int(value):
+def as_int(value: Any) -> int | None:
+    """A JSON value as an int when it is a whole finite number, else None."""
+    number = as_float(value)
+    if number is None or not math.isfinite(number) or number != int(number):
         return None
-    return int(value)
+    return int(number)
