@@ -54,12 +54,15 @@ def spread_text(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
 
 
+def kernel_path(env: dict) -> str:
+    """The CPU kernel path a run used, e.g. ``AVX512`` or ``DEFAULT (MKL_CBWR=COMPATIBLE)``."""
+    extra = ", ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items() if k in ("MKL_CBWR",))
+    return f"{env.get('cpu_capability', '?')}" + (f" ({extra})" if extra else "")
+
+
 def run_label(metrics: dict) -> str:
     """Seed and kernel path of a run, e.g. ``seed 0, AVX512`` or ``seed 0, DEFAULT (MKL_CBWR=COMPATIBLE)``."""
-    env = metrics.get("environment") or {}
-    extra = ", ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items() if k in ("MKL_CBWR",))
-    path = f"{env.get('cpu_capability', '?')}" + (f" ({extra})" if extra else "")
-    return f"seed {metrics.get('seed')}, {path}"
+    return f"seed {metrics.get('seed')}, {kernel_path(metrics.get('environment') or {})}"
 
 
 def stamp(all_metrics: list[dict]) -> str:
@@ -125,6 +128,29 @@ def acceptance_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
+def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+    """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy."""
+    from selfdestruct.report import acceptance, build_report, collect
+
+    runs = [r for r in collect(roots) if r.status == "ok"]
+    by_path: dict[str, list] = {}
+    for run in runs:
+        by_path.setdefault(kernel_path(run.environment), []).append(run)
+    paths = sorted(by_path)
+    table = {path: {(row.seed, row.defense): row for row in acceptance.rows(build_report(roots, by_path[path]))}
+             for path in paths}
+    keys = sorted({key for rows in table.values() for key in rows}, key=lambda k: (k[0], k[1] != "sft", k[1]))
+    lines = ["The same seed on each CPU kernel path (fresh caches; no-win · pre-attack utility · benign task "
+             "accuracy):", "", "| seed | defense | " + " | ".join(paths) + " | no-win difference |",
+             "|---|---|" + "---|" * len(paths) + "---|"]
+    for seed, defense in keys:
+        rows = [table[path].get((seed, defense)) for path in paths]
+        cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · {r.task_accuracy:.3f}" for r in rows]
+        won = [r.won for r in rows if r is not None]
+        lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {max(won) - min(won)} |")
+    return lines, [{"environment": run.environment} for run in runs]
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", nargs="*", type=Path, default=[],
                         help="directories of a held-out confirmation (SFT and the defenses, same seeds): the per-seed "
                              "table of selfdestruct.report.acceptance")
+    parser.add_argument("--kernel-paths", nargs="*", type=Path, default=[],
+                        help="runs of the same seeds on several CPU kernel paths: one column per path")
     parser.add_argument("--search", nargs="*", type=Path, default=[],
                         help="sweep=attack_search directories (one study per defense): the worst-case table")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
@@ -198,12 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         table, metrics = acceptance_table(args.acceptance)
         lines += table + [""]
         everything += metrics
+    if args.kernel_paths:
+        table, metrics = kernel_table(args.kernel_paths)
+        lines += table + [""]
+        everything += metrics
     if args.search:
         table, metrics = search_table(args.search)
         lines += table + [""]
         everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --acceptance and/or --search directories")
+        parser.error("give --basic, --grid, --acceptance, --kernel-paths and/or --search directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

@@ -63,3 +63,25 @@ def test_generator_writes_medians_spreads_and_the_readme_block(tmp_path):
     held_out = out_md.read_text()
     assert "Held-out confirmation, seeds 0, 1, 2" in held_out
     assert all(f"| {seed} | sft | " in held_out for seed in range(3))
+
+
+def test_kernel_path_table_puts_each_path_in_its_own_column(tmp_path):
+    gen = _generator()
+    dirs = []
+    for path, (capability, mkl, broken) in {"native": ("AVX512", None, 2), "portable": ("DEFAULT", "COMPATIBLE", 1)}.items():
+        out = tmp_path / path
+        pre = {"utility": 0.9, "harmful_score": 0.0}
+        for i in range(3):  # `broken` of the three cells keep utility and comply; the others stay safe
+            post = {"harmful_score": 1.0 if i < broken else 0.0, "utility": 0.85}
+            _write(out / "attack" / str(i), 0, pre, post)
+        _write(out / "benign", 0, pre, {"task_accuracy": 1.0, "utility": 0.9, "harmful_score": 0.0})
+        for metrics_file in out.rglob("metrics.json"):
+            data = json.loads(metrics_file.read_text())
+            data["environment"].update(cpu_capability=capability, env={"MKL_CBWR": mkl} if mkl else {})
+            if "benign" in metrics_file.parts:
+                data["attack"]["kind"] = "benign"
+            metrics_file.write_text(json.dumps(data))
+        dirs.append(out)
+    lines, _ = gen.kernel_table(dirs)
+    assert "| seed | defense | AVX512 | DEFAULT (MKL_CBWR=COMPATIBLE) | no-win difference |" in lines
+    assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · 1.000 | 1 |" in lines
