@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,8 +36,12 @@ def test_package_data_declares_every_config():
 
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="building a wheel offline needs setuptools")
 def test_wheel_holds_every_config_and_the_search_plugin(tmp_path):
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
+                    str(tmp_path), str(source)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("selfdestruct-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"selfdestruct/conf/{p.relative_to(CONF_DIR).as_posix()}" for p in Path(CONF_DIR).rglob("*.yaml")}
