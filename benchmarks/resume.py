@@ -19,6 +19,7 @@ cell). Extra arguments are Hydra overrides for every command. One torch thread u
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -105,6 +106,15 @@ def result(run_dir: Path, keys: tuple[str, ...]) -> dict:
     return {**{k: metrics[k] for k in keys}, "weights": weights}
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the run's CSV training log (the attack's; a defense stage logs into its cache entry)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return sorted(int(float(r["step"])) for r in csv.DictReader(handle) if r.get("step"))
+
+
 def resumed_step(log: Path) -> str | None:
     lines = [line for line in log.read_text().splitlines() if "resuming from" in line]
     return lines[-1].split("resuming from", 1)[1].strip() if lines else None
@@ -133,6 +143,8 @@ def bench(stage: Stage, source: Path | None, out: Path, extra: list[str], env: d
            "killed_in_stage": killed["killed_in_stage"], "resumed_from": resumed_step(root / "resumed.log"),
            "uninterrupted_s": round(fresh["seconds"], 1), "resumed_s": round(resumed["seconds"], 1),
            "resumed_over_uninterrupted": round(resumed["seconds"] / fresh["seconds"], 3), "identical": same}
+    if stage.kind == "run":  # the training log of the resumed run covers every step once, as the uninterrupted one's
+        row["same_log_steps"] = logged_steps(root / "killed") == logged_steps(root / "fresh")
     return row, fresh_cache
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from selfdestruct.data.datamodule import ResumableDataLoader
+from selfdestruct.pipeline.training import read_csv_rows, restore_earlier_rows
 from selfdestruct.utils.cache import DONE_MARKER, cached_dir, work_dir
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,6 +64,35 @@ def test_a_restored_loader_continues_the_uninterrupted_order(cut):
     for _ in range(3 - cut // 4):  # the epochs Lightning still runs (the current one included when unfinished)
         rest.extend(resumed)
     assert seen + rest == reference
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training log across a resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_fit_keeps_the_killed_runs_earlier_log_rows(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    log = tmp_path / "csv" / "metrics.csv"
+    log.parent.mkdir()
+    # the killed process: the pre-training rows, then alignment flushed up to step 7 (its checkpoint: step 5)
+    log.write_text("step,pretrain/loss,align/loss\n" + "".join(f"{s},{s},\n" for s in range(0, 12, 4))
+                   + "".join(f"{s},,{10 - s}\n" for s in range(8)))
+    earlier = read_csv_rows(log)
+    logger = CSVLogger(save_dir=str(tmp_path), name="csv", version="")  # the resumed process: a fresh file
+    for s in range(6, 10):
+        logger.log_metrics({"align/loss": 10 - s, "align/lr": 0.1}, step=s)
+    restore_earlier_rows(logger, earlier)
+    rows = read_csv_rows(log)
+    align = [int(r["step"]) for r in rows if r["align/loss"]]
+    assert align == list(range(10))  # every alignment step once, in order
+    assert [int(r["step"]) for r in rows if r["pretrain/loss"]] == [0, 4, 8]  # the other stage's rows kept
+    assert rows[0]["align/lr"] == "" and rows[-1]["align/lr"] == "0.1"
+    logger.log_metrics({"defend/utility": 0.9}, step=10)  # the same logger goes on with a new column
+    logger.save()
+    rows = read_csv_rows(log)
+    assert len(rows) == 14 and rows[-1]["defend/utility"] == "0.9" and rows[0]["pretrain/loss"] == "0"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import random
 import shutil
 import warnings
@@ -15,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import CSVLogger, Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
@@ -126,6 +128,15 @@ class RNGState(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class FlushLogs(pl.Callback):
+    """Writes the loggers' buffered rows to disk with every checkpoint, so a run killed after it loses no log row
+    of the steps before it (the resumed run logs the steps after it)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
 def resume_point(ckpt_dir: Path, key: Any) -> str | None:
     """``ckpt_dir/last.ckpt`` if it was written by a fit of this very ``key``; checkpoints of another
     configuration (the same run directory re-used with other settings) are removed, never resumed."""
@@ -172,7 +183,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
     if ckpt_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0 and not trainer_cfg.fast_dev_run:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
                                          every_n_train_steps=trainer_cfg.checkpoint_every_n_steps))
-        callbacks.append(RNGState())
+        callbacks += [RNGState(), FlushLogs()]
         # the saved state is the one after the step, with the loop counters of after the step: what resuming needs
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         resume_from = resume_point(Path(ckpt_dir), ckpt_key)
@@ -197,5 +208,53 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_
         num_sanity_val_steps=0,
         **trainer_cfg.extra,
     )
+    # CSV logs an earlier process wrote (this process has not opened them yet: Lightning will start them afresh)
+    csv_loggers = [logger for logger in loggers if isinstance(logger, CSVLogger) and logger._experiment is None
+                   ] if resume_from else []
+    earlier = [read_csv_rows(csv_file(logger)) for logger in csv_loggers]
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    for logger, rows in zip(csv_loggers, earlier):  # Lightning's CSV logger starts its file afresh on a new run
+        restore_earlier_rows(logger, rows)
     return trainer
+
+
+def csv_file(logger: CSVLogger) -> Path:
+    return Path(logger.log_dir) / "metrics.csv"
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
+
+
+def _logged(row: dict[str, str]) -> tuple[str, set[str]]:
+    """A log row's step and the metrics it holds."""
+    return row.get("step") or "", {k for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
+
+
+def restore_earlier_rows(logger: CSVLogger, earlier: list[dict[str, str]]) -> None:
+    """After a resumed fit: the interrupted run's rows go back in front of the resumed run's, except those the
+    resumed run logged again (the same step and metric: the steps after the checkpoint), so the log covers the
+    whole training with no step twice. The logger, which may go on logging (later stages, the summary), learns
+    the columns of the rows put back."""
+    logger.save()  # rows still buffered go to the file first
+    path = csv_file(logger)
+    rows = read_csv_rows(path)
+    again: dict[str, set[str]] = {}
+    for row in rows:
+        step, keys = _logged(row)
+        again.setdefault(step, set()).update(keys)
+    kept = [r for r in earlier if not _logged(r)[1] & again.get(_logged(r)[0], set())]
+    if not kept:
+        return
+    header = list(dict.fromkeys(key for r in (*kept, *rows) for key in r))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows([*kept, *rows])
+    os.replace(tmp, path)
+    logger.experiment.metrics_keys = header  # appends now follow the file's header
