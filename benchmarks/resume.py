@@ -3,10 +3,11 @@
     python benchmarks/resume.py --out outputs/resume_bench                      # the embedded default, every stage
     python benchmarks/resume.py --out outputs/resume_bench --stages align,attack --seed 3 model=micro
 
-For each stage the command that builds it runs three times, from the same starting cache (the earlier stages
-built, this one not): uninterrupted; killed (SIGKILL to its process group) at a random moment of the stage, a
-uniform 10-90 % of the uninterrupted stage's duration after the stage's work began (``--seed`` seeds the draw); and the
-same command again, which resumes from the stage's last checkpoint (``trainer.checkpoint_every_n_steps``). It prints
+For each stage the command that builds it runs three times, from the same cache (the earlier stages built, this
+one not; what the uninterrupted run adds is set aside before the next run): uninterrupted; killed (SIGKILL to its process group) at a random moment of the stage, a
+uniform 10-90 % of the uninterrupted stage's duration after the stage's work began (``--seed`` seeds the draw; when
+the stage ends before that moment, the run is set aside and tried again with half the delay); and the
+same command again, which resumes from the stage's last checkpoint (``--checkpoint-every``, 25 steps). It prints
 one JSON row per stage: the kill moment, the checkpoint the run resumed from, the resumed and the uninterrupted
 run's wall time and their ratio (measured side by side on the same machine), and whether ``metrics.json``'s numbers
 and the saved weights equal the uninterrupted run's byte for byte.
@@ -59,16 +60,18 @@ def command(stage: Stage, cache: Path, run_dir: Path, extra: list[str]) -> list[
             "trainer.progress_bar=false", f"hydra.run.dir={run_dir}"]
 
 
-def starting_cache(source: Path | None, target: Path, stage: Stage) -> Path:
-    """A copy of ``source`` holding only the kinds built before ``stage`` (and the evaluation cache)."""
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    keep = ORDER[:ORDER.index(stage.kind)] if stage.kind in ORDER else ORDER
-    if source is not None:
-        for kind in (*keep, "eval"):
-            if (source / kind).is_dir():
-                shutil.copytree(source / kind, target / kind, ignore=shutil.ignore_patterns(".*"))
-    return target
+def entries(cache: Path) -> set[Path]:
+    """Everything in the cache: each kind's entries, locks and work directories."""
+    return {p for kind in cache.iterdir() if kind.is_dir() for p in kind.iterdir()} if cache.is_dir() else set()
+
+
+def set_aside(cache: Path, keep: set[Path], dest: Path) -> None:
+    """Move the cache's entries not in ``keep`` into ``dest``. (One cache serves every run: its keys name the parent
+    entries by path, so a copy of a cache would not be hit.)"""
+    for path in sorted(entries(cache) - keep):
+        target = dest / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def in_progress(stage: Stage, cache: Path, run_dir: Path) -> bool:
@@ -120,32 +123,40 @@ def resumed_step(log: Path) -> str | None:
     return lines[-1].split("resuming from", 1)[1].strip() if lines else None
 
 
-def bench(stage: Stage, source: Path | None, out: Path, extra: list[str], env: dict[str, str],
-          rng: random.Random) -> tuple[dict, Path]:
+def bench(stage: Stage, cache: Path, out: Path, extra: list[str], env: dict[str, str], rng: random.Random) -> dict:
     if stage.entry == "attack":
         extra = [*extra, f"model_path={out / 'align' / 'fresh' / 'model'}"]
     root = out / stage.name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    fresh_cache = starting_cache(source, root / "cache_fresh", stage)
-    fresh = launch(command(stage, fresh_cache, root / "fresh", extra), env, root / "fresh.log", stage, fresh_cache,
-                   root / "fresh")
+    if stage.kind in ORDER:  # this stage and the later ones (and evaluations of their models) are built afresh
+        later = ORDER[ORDER.index(stage.kind):]
+        set_aside(cache, {p for p in entries(cache) if p.parent.name not in (*later, "eval")}, root / "later_cache")
+    before = entries(cache)
+    fresh = launch(command(stage, cache, root / "fresh", extra), env, root / "fresh.log", stage, cache, root / "fresh")
+    set_aside(cache, before, root / "fresh_cache")  # the killed run starts from the cache the fresh one found
     if len(fresh["span"]) != 2:
         raise SystemExit(f"{stage.name}: the uninterrupted run never showed its stage at work (see {root}/fresh.log)")
     first, last = fresh["span"]
     kill_after = (last - first) * rng.uniform(0.1, 0.9)
-    cache = starting_cache(source, root / "cache", stage)
     cmd = command(stage, cache, root / "killed", extra)
-    killed = launch(cmd, env, root / "killed.log", stage, cache, root / "killed", kill_after=kill_after)
+    for attempt in range(1, 4):  # a run faster than the uninterrupted one may end the stage before the kill moment
+        killed = launch(cmd, env, root / "killed.log", stage, cache, root / "killed", kill_after=kill_after)
+        if killed["killed_in_stage"]:
+            break
+        set_aside(cache, before, root / f"unkilled_cache{attempt}")
+        shutil.rmtree(root / "killed")
+        kill_after /= 2
     resumed = launch(cmd, env, root / "resumed.log", stage, cache, root / "killed")
     same = result(root / "killed", stage.keys) == result(root / "fresh", stage.keys)
     row = {"stage": stage.name, "stage_s": round(last - first, 1), "killed_after_s": round(kill_after, 1),
+           "attempts": attempt,
            "killed_in_stage": killed["killed_in_stage"], "resumed_from": resumed_step(root / "resumed.log"),
            "uninterrupted_s": round(fresh["seconds"], 1), "resumed_s": round(resumed["seconds"], 1),
            "resumed_over_uninterrupted": round(resumed["seconds"] / fresh["seconds"], 3), "identical": same}
     if stage.kind == "run":  # the training log of the resumed run covers every step once, as the uninterrupted one's
         row["same_log_steps"] = logged_steps(root / "killed") == logged_steps(root / "fresh")
-    return row, fresh_cache
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random kill moments")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=25,
+                        help="trainer.checkpoint_every_n_steps (default 25 rather than the config's 100, so that the "
+                             "150-step SEAM and the 126-step attack have checkpoints to resume from wherever killed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every command")
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
@@ -163,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
     rng = random.Random(args.seed)
-    rows, source = [], None
-    for name in STAGES:  # in pipeline order: each stage starts from the cache the previous one built
+    cache = out / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    overrides = [f"trainer.checkpoint_every_n_steps={args.checkpoint_every}", *args.overrides]
+    rows = []
+    for name in STAGES:  # in pipeline order: each stage starts from the cache the earlier ones built
         if name not in stages and not (name == "align" and "attack" in stages):
             continue
-        row, cache = bench(STAGES[name], source, out, args.overrides, env, rng)
-        source = cache if name in ("pretrain", "align") else source
+        row = bench(STAGES[name], cache, out, overrides, env, rng)
         rows.append(row)
         print(json.dumps(row), flush=True)
         (out / "resume.json").write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=1) + "\n")

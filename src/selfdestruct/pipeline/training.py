@@ -129,12 +129,21 @@ class RNGState(pl.Callback):
 
 
 class FlushLogs(pl.Callback):
-    """Writes the loggers' buffered rows to disk with every checkpoint, so a run killed after it loses no log row
-    of the steps before it (the resumed run logs the steps after it)."""
+    """Writes the loggers' buffered rows to disk right after each checkpoint, so a run killed after it loses no log
+    row of the steps up to it (the resumed run logs the steps after it). Lightning hands a step's metrics to the
+    loggers only after the step's checkpoint is saved, hence the flush at the start of the next step."""
+
+    def __init__(self) -> None:
+        self._saved = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        for logger in trainer.loggers:
-            logger.save()
+        self._saved = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._saved:
+            self._saved = False
+            for logger in trainer.loggers:
+                logger.save()
 
 
 def resume_point(ckpt_dir: Path, key: Any) -> str | None:
