@@ -214,26 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     lines: list[str] = []
     everything: list[dict] = []
-    if args.basic:
-        table, metrics = basic_table(args.basic)
-        lines += table + [""]
-        everything += metrics
-    if args.grid:
-        table, metrics = grid_table(args.grid, args.grid_caption)
-        lines += table + [""]
-        everything += metrics
-    if args.acceptance:
-        table, metrics = acceptance_table(args.acceptance)
-        lines += table + [""]
-        everything += metrics
-    if args.kernel_paths:
-        table, metrics = kernel_table(args.kernel_paths)
-        lines += table + [""]
-        everything += metrics
-    if args.search:
-        table, metrics = search_table(args.search)
-        lines += table + [""]
-        everything += metrics
+    sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
+                (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table)]
+    for dirs, table_of in sections:  # in this order in the output
+        if dirs:
+            table, metrics = table_of(dirs)
+            lines += table + [""]
+            everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --acceptance, --kernel-paths and/or --search directories")
     for item in args.wall_time:
