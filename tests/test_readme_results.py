@@ -85,3 +85,24 @@ def test_kernel_path_table_puts_each_path_in_its_own_column(tmp_path):
     lines, _ = gen.kernel_table(dirs)
     assert "| seed | defense | AVX512 | DEFAULT (MKL_CBWR=COMPATIBLE) | no-win difference |" in lines
     assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · 1.000 | 1 |" in lines
+
+
+def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_path):
+    gen = _generator()
+    sweep = tmp_path / "search" / "sft"
+    sweep.mkdir(parents=True)
+    (sweep / "search.json").write_text(json.dumps({"budget": 12, "trials": []}))
+    successes = [0.0] * 10 + [0.85, 1.0]  # the break comes with trial 10, the 11th
+    for number, success in enumerate(successes):
+        config = {"name": "harmful", "optimizer": "adamw", "lr": 1e-4 * (number + 1), "num_samples": 500,
+                  "epochs": 1, "batch_size": 4}
+        _write(sweep / str(number), 0, {"utility": 0.9, "harmful_score": 0.0},
+               {"harmful_score": success, "utility": 0.81})
+        data = json.loads((sweep / str(number) / "metrics.json").read_text())
+        data["attack"]["config"] = config
+        data["search"] = {"attack_success": success}
+        (sweep / str(number) / "metrics.json").write_text(json.dumps(data))
+    lines, _ = gen.search_table([tmp_path / "search"])
+    row = next(line for line in lines if line.startswith("| sft |"))
+    assert row == ("| sft | 12 (0) | 1.000 | trial 11: harmful, adamw lr 0.0012, 500 samples x 1 ep, batch 4 | "
+                   "1.000 / 0.90 | 0.000 | broken after 11 of 12 trials |")
