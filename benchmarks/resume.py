@@ -20,7 +20,6 @@ cell). Extra arguments are Hydra overrides for every command. One torch thread u
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -32,6 +31,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from selfdestruct.pipeline.training import read_csv_rows
+from selfdestruct.utils.run_metrics import METRICS_FILE
 
 ATTACK = ["attack.lr=5e-4", "attack.num_samples=1000", "attack.epochs=2"]  # the attack grid's strongest cell
 
@@ -104,18 +106,14 @@ def launch(cmd: list[str], env: dict[str, str], log: Path, stage: Stage, cache: 
 
 
 def result(run_dir: Path, keys: tuple[str, ...]) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
     weights = hashlib.sha256((run_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
     return {**{k: metrics[k] for k in keys}, "weights": weights}
 
 
 def logged_steps(run_dir: Path) -> list[int]:
     """The steps of the run's CSV training log (the attack's; a defense stage logs into its cache entry)."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return sorted(int(float(r["step"])) for r in csv.DictReader(handle) if r.get("step"))
+    return sorted(int(float(r["step"])) for r in read_csv_rows(run_dir / "csv" / "metrics.csv") if r.get("step"))
 
 
 def resumed_step(log: Path) -> str | None:

@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 
 from selfdestruct.cli_common import CONF_DIR
-from selfdestruct.report.collect import collect
-from selfdestruct.report.nowin import build_table, defended_model_dirs, read_json
+from selfdestruct.report.collect import collect, read_json
+from selfdestruct.report.nowin import build_table, defended_model_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DEFENSE = Path(CONF_DIR) / "defense"

@@ -185,9 +185,9 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
         base = Path(cfg.model.path).expanduser()
         aligned = aligned_model_dir(ctx, base, optim_config(cfg, "align")) if cfg.model.align else base
     else:
-        base = base_model_dir(dataclasses.replace(ctx, load=LoadOptions()), model_arch(cfg),
-                              optim_config(cfg, "pretrain"))
-        aligned = aligned_model_dir(dataclasses.replace(ctx, load=LoadOptions()), base, optim_config(cfg, "align"))
+        embedded = dataclasses.replace(ctx, load=LoadOptions())  # a model built from config loads as saved
+        base = base_model_dir(embedded, model_arch(cfg), optim_config(cfg, "pretrain"))
+        aligned = aligned_model_dir(embedded, base, optim_config(cfg, "align"))
 
     def evaluate(model, tokenizer, stage: str):
         return evaluator(cfg, tokenizer, bundle)(model, stage)

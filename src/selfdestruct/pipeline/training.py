@@ -256,7 +256,7 @@ def restore_earlier_rows(logger: CSVLogger, earlier: list[dict[str, str]]) -> No
     for row in rows:
         step, keys = _logged(row)
         again.setdefault(step, set()).update(keys)
-    kept = [r for r in earlier if not _logged(r)[1] & again.get(_logged(r)[0], set())]
+    kept = [row for row, (step, keys) in zip(earlier, map(_logged, earlier)) if not keys & again.get(step, set())]
     if not kept:
         return
     header = list(dict.fromkeys(key for r in (*kept, *rows) for key in r))

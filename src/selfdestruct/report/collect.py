@@ -57,7 +57,17 @@ class Run:
     environment: dict[str, Any] = field(default_factory=dict)  # metrics.json "environment" (provenance)
     attack_config: dict[str, Any] = field(default_factory=dict)  # metrics.json "attack.config": every attack field
     search: dict[str, Any] = field(default_factory=dict)  # metrics.json "search": the attacker's success
+    model_path: str | None = None  # metrics.json "model_path": the model the run started from
+    job_overrides: list[str] | None = None  # metrics.json "overrides": the ones that define what the job computes
     search_trial: int | None = None  # the trial number when the run is a trial of sweep=attack_search
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content, or ``default`` when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
 
 
 def number(mapping: Mapping[str, Any] | None, key: str) -> float | None:
@@ -193,6 +203,7 @@ def _read_failure(run: Run) -> None:
 def _fill_from_metrics(run: Run, metrics: RunMetrics) -> None:
     run.defense, run.seed, run.environment = metrics.defense, metrics.seed, metrics.environment
     run.pre, run.aligned = metrics.pre, metrics.aligned
+    run.model_path, run.job_overrides = metrics.model_path, metrics.overrides
     if metrics.attack is None:
         run.stage = "defend"
         return

@@ -9,16 +9,14 @@ not count, like in the study. The break budget is the number of counted trials u
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from selfdestruct.report.collect import SEARCH_FILE, Run, number
-from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE
+from selfdestruct.report.collect import SEARCH_FILE, Run, number, read_json
+from selfdestruct.utils.run_metrics import FAILURE_FILE
 
 BREAK_SUCCESS = 0.5
 COMPLETE, FAILED, INCOMPLETE = "complete", "failed", "incomplete"
@@ -92,13 +90,6 @@ class SearchResult:
         return f"broken after {budget} of {n} trials" if budget else f"not broken in {n} trials"
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def find_searches(runs: Sequence[Run]) -> list[SearchResult]:
     """Every search directory among the collected ``runs``' parents, with its trials."""
     by_dir: dict[Path, list[Run]] = {}
@@ -107,7 +98,7 @@ def find_searches(runs: Sequence[Run]) -> list[SearchResult]:
             by_dir.setdefault(run.path.parent.resolve(), []).append(run)
     results = []
     for path, members in sorted(by_dir.items()):
-        summary = _read_json(path / SEARCH_FILE)
+        summary = read_json(path / SEARCH_FILE)
         budget = summary.get("budget") if isinstance(summary, dict) else None
         trials = sorted((Trial(r.search_trial, r) for r in members), key=lambda t: t.number)
         defenses = sorted({r.defense for r in members if r.defense})
@@ -137,8 +128,7 @@ def rerun_command(result: SearchResult, seeds: str = "0,1,2") -> str | None:
     best = result.best
     if best is None:
         return None
-    metrics = _read_json(best.run.path / METRICS_FILE)
-    given = metrics.get("overrides") if isinstance(metrics, dict) else None  # the job's overrides that matter
+    given = best.run.job_overrides  # the job's overrides that matter
     overrides = [str(o) for o in (given or best.run.overrides) if not str(o).startswith(_NOT_REPEATED)]
     if not any(o.startswith("model_path=") for o in overrides):
         overrides.insert(0, "model_path=defend")  # what sweep=attack_search sets
