@@ -3,14 +3,15 @@
     python experiments/quickstart.py --out outputs/quickstart            # the full demo (README)
     python experiments/quickstart.py --out outputs/basic --basic         # SFT + three attacks only
 
-The full demo runs the project's own entry points exactly as a user would:
+The full demo runs the project's own entry points exactly as a user would, as one chain per defense:
 
-1. ``selfdestruct.defend`` for each defense (a Hydra multirun over ``defense=...``);
-2. ``selfdestruct.attack sweep=attack_grid`` — every defense × the 3 × 3 grid of learning rate × number of
-   harmful samples (each defended model is built once and shared through the cache);
-3. a benign fine-tune of each defended model;
+1. ``selfdestruct.defend defense=D`` (the shared pre-training and alignment are built once, through the cache);
+2. ``selfdestruct.attack sweep=attack_grid defense=D`` — the 3 × 3 grid of learning rate × number of harmful
+   samples on that defended model;
+3. a benign fine-tune of the defended model;
 
-(the three run ``--jobs`` jobs at once through the joblib launcher, one torch thread each: two by default);
+``--jobs`` chains run at once (one torch thread each: two by default), the costliest defense's first, so that the
+cheap defenses' attacks run while the expensive one trains; each chain writes ``OUT/{defend,grid,benign}/D``.
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
 
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
@@ -25,23 +26,17 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-DEFAULT_DEFENSES = ("sft", "seam_tuned", "ctrap_tuned")
+# The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked.
+DEFAULT_DEFENSES = ("ctrap_tuned", "seam_tuned", "sft")
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
 
 def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
     print("+ python " + " ".join(args), flush=True)
     return subprocess.run([sys.executable, *args], check=check, env=env).returncode
-
-
-def parallel(jobs: int) -> tuple[list[str], dict | None]:
-    """Hydra overrides and environment for ``jobs`` local jobs at once (joblib), one torch thread each."""
-    if jobs <= 1:
-        return [], None
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return ["hydra/launcher=local", f"hydra.launcher.n_jobs={jobs}"], env
 
 
 def before_after_table(rows: list[tuple[str, dict]]) -> str:
@@ -69,19 +64,37 @@ def basic(out: Path, common: list[str]) -> None:
     print("\n" + before_after_table(rows))
 
 
+def chain(out: Path, defense: str, common: list[str]) -> list[list[str]]:
+    """One defense's commands, in order: defend, its attack grid, its benign fine-tune."""
+    return [
+        ["-m", "selfdestruct.defend", f"defense={defense}", f"hydra.run.dir={out / 'defend' / defense}", *common],
+        ["-m", "selfdestruct.attack", "sweep=attack_grid", f"defense={defense}",
+         f"hydra.sweep.dir={out / 'grid' / defense}", *common],
+        ["-m", "selfdestruct.attack", "model_path=defend", "attack=benign", f"defense={defense}",
+         f"hydra.run.dir={out / 'benign' / defense}", *common],
+    ]
+
+
+def run_chain(commands: list[list[str]], env: dict) -> int:
+    """Run ``commands`` one after another; stop at the first that fails (the next ones need its output)."""
+    for args in commands:
+        if run(args, check=False, env=env):
+            return 1
+    return 0
+
+
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
-    choice = f"defense={','.join(defenses)}"
-    launcher, env = parallel(jobs)
-    failed = run(["-m", "selfdestruct.defend", "--multirun", choice, f"hydra.sweep.dir={out / 'defend'}", *launcher,
-                  *common], check=False, env=env)
-    failed |= run(["-m", "selfdestruct.attack", "sweep=attack_grid", choice, f"hydra.sweep.dir={out / 'grid'}",
-                   *launcher, *common], check=False, env=env)
-    failed |= run(["-m", "selfdestruct.attack", "--multirun", "model_path=defend", "attack=benign", choice,
-                   f"hydra.sweep.dir={out / 'benign'}", *launcher, *common], check=False, env=env)
+    # One torch thread per job, so that ``jobs`` chains share the cores without oversubscribing them.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        failed = list(pool.map(lambda d: run_chain(chain(out, d, common), env), defenses))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())
-    return 1 if failed else 0
+    for defense, status in zip(defenses, failed):
+        if status:
+            print(f"error: the {defense} chain failed; its log is above, its outputs under {out}/*/{defense}")
+    return 1 if any(failed) else 0
 
 
 def main() -> int:
@@ -92,7 +105,7 @@ def main() -> int:
     parser.add_argument("--defenses", default=",".join(DEFAULT_DEFENSES),
                         help="comma-separated defense options (conf/defense/*.yaml) for the full demo")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="full demo: jobs run at once (joblib, one torch thread each; 1 = one after another)")
+                        help="full demo: defense chains run at once (one torch thread each; 1 = one after another)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     out = args.out.resolve()

@@ -1,0 +1,64 @@
+"""The full demo's plan (experiments/quickstart.py): one chain per defense, chains run concurrently, a failed chain
+stops only itself. Commands are recorded instead of run, so nothing trains here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "experiments" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entry(args: list[str]) -> str:
+    return args[1] + (" grid" if "sweep=attack_grid" in args else " benign" if "attack=benign" in args else "")
+
+
+def test_a_chain_defends_then_attacks_the_grid_then_fine_tunes_benignly_under_its_own_directories(tmp_path):
+    qs = _quickstart()
+    commands = qs.chain(tmp_path, "ctrap_tuned", ["seed=3", "trainer.progress_bar=false"])
+    assert [_entry(c) for c in commands] == ["selfdestruct.defend", "selfdestruct.attack grid",
+                                             "selfdestruct.attack benign"]
+    dirs = [next(a for a in c if a.startswith("hydra.")) for c in commands]
+    assert dirs == [f"hydra.run.dir={tmp_path / 'defend' / 'ctrap_tuned'}",
+                    f"hydra.sweep.dir={tmp_path / 'grid' / 'ctrap_tuned'}",
+                    f"hydra.run.dir={tmp_path / 'benign' / 'ctrap_tuned'}"]
+    for c in commands:
+        assert "defense=ctrap_tuned" in c and c[-2:] == ["seed=3", "trainer.progress_bar=false"]
+    assert "model_path=defend" in commands[2]  # the benign fine-tune starts from the defended model
+
+
+def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, monkeypatch):
+    qs = _quickstart()
+    calls: list[tuple[str, str]] = []
+    lock, both_started = threading.Lock(), threading.Barrier(2, timeout=10)
+
+    def fake_run(args, check=True, env=None):
+        if args[1] == "selfdestruct.report":
+            (tmp_path / "report").mkdir()
+            (tmp_path / "report" / "summary.md").write_text("summary")
+            return 0
+        defense = next(a for a in args if a.startswith("defense=")).split("=")[1]
+        assert env is not None and env["OMP_NUM_THREADS"] == "1"
+        if args[1] == "selfdestruct.defend" and defense in ("ctrap_tuned", "seam_tuned"):
+            both_started.wait()  # the first two chains' defenses run at the same time, or this times out
+        with lock:
+            calls.append((defense, _entry(args)))
+        return 1 if (defense, args[1]) == ("seam_tuned", "selfdestruct.defend") else 0
+
+    monkeypatch.setattr(qs, "run", fake_run)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    status = qs.full(tmp_path, ["ctrap_tuned", "seam_tuned", "sft"], ["seed=0"], jobs=2)
+    assert status == 1
+    per_defense = {d: [e for dd, e in calls if dd == d] for d in ("ctrap_tuned", "seam_tuned", "sft")}
+    full_chain = ["selfdestruct.defend", "selfdestruct.attack grid", "selfdestruct.attack benign"]
+    assert per_defense == {"ctrap_tuned": full_chain, "seam_tuned": ["selfdestruct.defend"], "sft": full_chain}
