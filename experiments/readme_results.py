@@ -128,6 +128,21 @@ def acceptance_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
+def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None) -> tuple[list[str], list[dict]]:
+    """A selection: each directory one setting tried on the selection seeds, against SFT's runs of those seeds."""
+    from selfdestruct.report import acceptance, collect
+
+    settings = acceptance.selection(dirs, sft, seeds)
+    used = sorted({row.seed for s in settings for row in s.rows})
+    lines = [f"Selection on seeds {', '.join(map(str, used))} only (ratios to the SFT model of the same seed, each "
+             "seed's value in order; `python -m selfdestruct.report.acceptance --per-setting`):", "",
+             acceptance.selection_markdown(settings), "",
+             f"Bars on each seed: no-win >= {acceptance.DEFENSE_NO_WIN}/9, utility >= {acceptance.UTILITY_KEPT:g} x "
+             f"SFT's, benign task accuracy and utility after the benign fine-tune >= {acceptance.BENIGN_KEPT:g} x SFT's."]
+    runs = [r for r in collect([*dirs, *sft]) if r.status == "ok" and (seeds is None or r.seed in seeds)]
+    return lines, [{"environment": run.environment} for run in runs]
+
+
 def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy."""
     from selfdestruct.report import acceptance, build_report, collect
@@ -206,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", nargs="*", type=Path, default=[],
                         help="directories of a held-out confirmation (SFT and the defenses, same seeds): the per-seed "
                              "table of selfdestruct.report.acceptance")
+    parser.add_argument("--selection", nargs="*", type=Path, default=[],
+                        help="one directory per setting tried on the selection seeds: the per-setting table of "
+                             "selfdestruct.report.acceptance --per-setting (needs --selection-sft)")
+    parser.add_argument("--selection-sft", nargs="*", type=Path, default=[],
+                        help="the SFT runs of the selection seeds")
+    parser.add_argument("--selection-seeds", nargs="*", type=int, help="the selection seeds (default: every seed)")
     parser.add_argument("--kernel-paths", nargs="*", type=Path, default=[],
                         help="runs of the same seeds on several CPU kernel paths: one column per path")
     parser.add_argument("--search", nargs="*", type=Path, default=[],
@@ -216,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the generated Markdown file")
     parser.add_argument("--readme", type=Path, help="a README whose results block is replaced by the same Markdown")
     args = parser.parse_args(argv)
+    if args.selection and not args.selection_sft:
+        parser.error("--selection needs --selection-sft (the SFT runs of the selection seeds)")
     lines: list[str] = []
     everything: list[dict] = []
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
+                (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds)),
                 (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
@@ -226,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += table + [""]
             everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --acceptance, --kernel-paths and/or --search directories")
+        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths and/or --search directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

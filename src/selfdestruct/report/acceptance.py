@@ -1,11 +1,14 @@
 """Per-seed acceptance of defenses against the SFT baseline: no-win, cost in utility, benign fine-tuning.
 
     python -m selfdestruct.report.acceptance SWEEP_DIR [...] [--out FILE]
+    python -m selfdestruct.report.acceptance --per-setting SETTING_DIR [...] --sft SFT_DIR [...]
 
 For every seed and defense found under the directories (attack-grid cells and benign fine-tunes, as
 ``experiment=nowin`` or the quickstart writes them) one row: the no-win count, the pre-attack utility, the
 benign fine-tune's task accuracy and the utility after it, each relative to the SFT model of the same seed,
 and whether the row meets the lab's acceptance bars (the constants below). Read only what runs left on disk.
+``--per-setting`` summarises a selection instead: each directory is one setting run on several seeds, one row per
+setting with every seed's numbers side by side and the number of seeds on which it meets the bars.
 """
 
 from __future__ import annotations
@@ -101,17 +104,95 @@ def markdown(table: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Setting:
+    """One defense setting tried on several seeds (a selection candidate): its per-seed rows and SFT's."""
+
+    name: str
+    overrides: list[str]  # the defense overrides every run of the setting shares
+    rows: list[Row]  # one per seed
+    sft: dict[int | None, Row]  # SFT's row of each seed
+
+    def ratios(self, index: int) -> list[float | None]:
+        """Ratio ``index`` (0 utility, 1 benign task accuracy, 2 utility after benign) on each seed."""
+        return [row.ratios(self.sft.get(row.seed))[index] for row in self.rows]
+
+    def passing_seeds(self) -> int:
+        return sum(row.passes(self.sft.get(row.seed)) for row in self.rows)
+
+
+def _defense_overrides(runs: Sequence[Run]) -> list[str]:
+    """The ``defense=...``/``defense.*`` overrides common to every run, in the first run's order."""
+    listed = [[o for o in (run.job_overrides or run.overrides) if o.split("=", 1)[0].split(".")[0] == "defense"]
+              for run in runs]
+    common = [o for o in listed[0] if all(o in other for other in listed[1:])] if listed else []
+    return sorted(common, key=lambda o: not o.startswith("defense="))
+
+
+def selection(settings: Sequence[Path], sft: Sequence[Path], seeds: Sequence[int] | None = None) -> list[Setting]:
+    """Each directory of ``settings`` is one setting (named after the directory); ``sft`` holds SFT's runs of the
+    same seeds. A setting's directory must hold the runs of one defense (its SFT runs, if any, are ignored).
+    ``seeds``: only these seeds (e.g. the selection seeds, leaving out held-out runs under the same directory)."""
+    roots = [*settings, *sft]
+    report = build_report(roots, collect(roots))
+    baseline = {row.seed: row for row in rows(report, sft) if row.defense == BASELINE_DEFENSE}
+    out = []
+    for root in settings:
+        own = [row for row in rows(report, [root]) if row.defense != BASELINE_DEFENSE
+               and (seeds is None or row.seed in seeds)]
+        labels = sorted({row.defense for row in own})
+        if len(labels) > 1:
+            raise ValueError(f"{root}: runs of several defenses ({', '.join(labels)}); one setting per directory")
+        under = root.resolve()
+        runs = [r for r in report.runs if r.status == "ok" and r.stage == "attack" and r.defense in labels
+                and (seeds is None or r.seed in seeds) and r.path.resolve().is_relative_to(under)]
+        out.append(Setting(root.name, _defense_overrides(runs), own, baseline))
+    return out
+
+
+def selection_markdown(settings: Sequence[Setting]) -> str:
+    """One row per setting: every seed's no-win and ratios to SFT's, and on how many seeds it meets the bars."""
+    def per_seed(values: Sequence[float | None], digits: int = 2) -> str:
+        return ", ".join(_fmt(v, digits) for v in values)
+
+    lines = ["| setting | defense overrides | seeds | no-win per seed | utility / SFT | benign task acc. / SFT "
+             "| utility after benign / SFT | meets the bars on |", "|---|---|---|---|---|---|---|---|"]
+    for s in settings:
+        seeds = ", ".join(str(row.seed) for row in s.rows)
+        won = ", ".join(f"{row.won}/{row.cells}" for row in s.rows)
+        overrides = " ".join(f"`{o}`" for o in s.overrides) or "—"
+        lines.append(f"| {s.name} | {overrides} | {seeds} | {won} | {per_seed(s.ratios(0))} | "
+                     f"{per_seed(s.ratios(1))} | {per_seed(s.ratios(2))} | {s.passing_seeds()}/{len(s.rows)} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="sweep or run directories")
     parser.add_argument("--sft", nargs="*", type=Path, default=[],
                         help="directories whose SFT runs are the reference (their other defenses are left out)")
+    parser.add_argument("--per-setting", action="store_true",
+                        help="each root is one setting tried on several seeds (a selection): one row per setting, "
+                             "against the SFT runs of --sft")
+    parser.add_argument("--seeds", nargs="*", type=int, help="--per-setting: only these seeds")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     missing = [str(p) for p in [*args.roots, *args.sft] if not p.is_dir()]
     if missing:
         print("error: no such directory: " + ", ".join(missing), file=sys.stderr)
         return 2
+    if args.per_setting:
+        if not args.sft:
+            parser.error("--per-setting needs --sft directories (the SFT runs of the same seeds)")
+        try:
+            text = selection_markdown(selection(args.roots, args.sft, args.seeds))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     roots = [*args.roots, *args.sft]
     report = build_report(roots, collect(roots))
     table = rows(report, args.roots)
