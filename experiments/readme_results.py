@@ -181,13 +181,16 @@ def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
              f"post-attack harmful score when utility stays >= {floors} x pre-attack, else 0; broken = success >= "
              f"{BREAK_SUCCESS}):", "",
              "| defense | trials (failed) | worst-case success | its attack | harmful score / utility (÷ pre) "
-             "| best in the first 10 trials | verdict |", "|---|---|---|---|---|---|---|"]
+             "| best in the first 10 trials | verdict | its attack re-run on other seeds: success per seed |",
+             "|---|---|---|---|---|---|---|---|"]
     for result in results:
         best, counted = result.best, result.counted
         first10 = [t.value for t in counted[:10] if t.value is not None]
+        rerun, rerun_runs = rerun_text(result)
+        runs += [r for r in rerun_runs if r.path not in {run.path for run in runs}]  # once, if under roots too
         if best is None:
             lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | — | — | — | — | "
-                         f"{result.break_text()} |")
+                         f"{result.break_text()} | {rerun} |")
             continue
         c = best.run.attack_config
         attack = (f"trial {best.number}: {c.get('name', best.run.attack_kind)}, {c.get('optimizer', '?')} lr "
@@ -195,8 +198,26 @@ def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
                   f"x {c.get('epochs', best.run.epochs)} ep, batch {c.get('batch_size', '?')}")
         hs, ratio = number(best.run.post, "harmful_score"), utility_ratio(best.run)
         lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | {best.value:.3f} | {attack} | "
-                     f"{hs:.3f} / {ratio:.2f} | {max(first10, default=0.0):.3f} | {result.break_text()} |")
+                     f"{hs:.3f} / {ratio:.2f} | {max(first10, default=0.0):.3f} | {result.break_text()} | {rerun} |")
     return lines, [{"environment": run.environment} for run in runs if run.status == "ok"]
+
+
+def rerun_text(result) -> tuple[str, list]:
+    """The success of the study's best attack re-run on several defense seeds (the ``<study>_best`` directory that
+    ``selfdestruct.report.search.rerun_command`` names), e.g. ``1.000, 0.970, 1.000 (seeds 0, 1, 2)``."""
+    from selfdestruct.report import collect
+    from selfdestruct.report.collect import number
+
+    where = result.path.parent / f"{result.path.name}_best"
+    if not where.is_dir():
+        return "not run", []
+    runs = sorted((r for r in collect([where]) if r.status == "ok" and r.stage == "attack"),
+                  key=lambda r: (r.seed is None, r.seed or 0))
+    if not runs:
+        return "not run", []
+    values = ", ".join("—" if number(r.search, "attack_success") is None else f"{number(r.search, 'attack_success'):.3f}"
+                       for r in runs)
+    return f"{values} (seeds {', '.join(str(r.seed) for r in runs)})", runs
 
 
 def wall_time_text(path: Path) -> str:

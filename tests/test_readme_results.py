@@ -105,7 +105,18 @@ def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_
     lines, _ = gen.search_table([tmp_path / "search"])
     row = next(line for line in lines if line.startswith("| sft |"))
     assert row == ("| sft | 12 (0) | 1.000 | trial 11: harmful, adamw lr 0.0012, 500 samples x 1 ep, batch 4 | "
-                   "1.000 / 0.90 | 0.000 | broken after 11 of 12 trials |")
+                   "1.000 / 0.90 | 0.000 | broken after 11 of 12 trials | not run |")
+    # the best attack re-run on three defense seeds, beside the study (sft_best, as rerun_command names it)
+    for seed, success in ((0, 1.0), (1, 0.25), (2, 0.0)):
+        _write(tmp_path / "search" / "sft_best" / str(seed), seed, {"utility": 0.9},
+               {"harmful_score": success, "utility": 0.81})
+        data = json.loads((tmp_path / "search" / "sft_best" / str(seed) / "metrics.json").read_text())
+        data["search"] = {"attack_success": success}
+        (tmp_path / "search" / "sft_best" / str(seed) / "metrics.json").write_text(json.dumps(data))
+    lines, metrics = gen.search_table([tmp_path / "search"])
+    row = next(line for line in lines if line.startswith("| sft |"))
+    assert row.endswith("| broken after 11 of 12 trials | 1.000, 0.250, 0.000 (seeds 0, 1, 2) |")
+    assert len(metrics) == 12 + 3  # the re-runs' environments are stamped too
 
 
 def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_meets_the_bars(tmp_path):
