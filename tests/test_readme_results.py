@@ -122,10 +122,11 @@ def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_
 def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_meets_the_bars(tmp_path):
     gen = _generator()
 
-    def runs(root: Path, defense: str, seed: int, utility: float, safe_cells: int, overrides: list[str]) -> None:
+    def runs(root: Path, defense: str, seed: int, utility: float, safe_cells: int, overrides: list[str],
+             safe_hs: float = 0.0) -> None:
         pre = {"utility": utility, "harmful_score": 0.0}
         for i in range(9):  # the first `safe_cells` cells stay safe, the others comply and keep utility
-            post = {"harmful_score": 0.0 if i < safe_cells else 1.0, "utility": utility}
+            post = {"harmful_score": safe_hs if i < safe_cells else 1.0, "utility": utility}
             _write(root / "grid" / str(i), seed, pre, post)
         _write(root / "benign", seed, pre, {"task_accuracy": 1.0, "utility": utility, "harmful_score": 0.0})
         for metrics_file in root.rglob("metrics.json"):
@@ -139,13 +140,13 @@ def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_mee
         runs(tmp_path / "sft" / f"s{seed}", "sft", seed, 0.9, 2, [])
         # "steady" wins 9 cells on every seed; "edge" loses on seed 1 and costs utility on seed 2
         runs(tmp_path / "steady" / f"s{seed}", "trap", seed, 0.88, 9, ["defense.params.lam=0.5"])
-        edge = {0: (0.9, 9), 1: (0.9, 4), 2: (0.5, 9), 10: (0.9, 9)}[seed]
-        runs(tmp_path / "edge" / f"s{seed}", "trap", seed, *edge, ["defense.params.lam=1.0"])
+        edge = {0: (0.9, 9), 1: (0.9, 4), 2: (0.5, 9), 10: (0.9, 9)}[seed]  # on seed 0 barely safe (HS 0.08)
+        runs(tmp_path / "edge" / f"s{seed}", "trap", seed, *edge, ["defense.params.lam=1.0"], 0.08 if seed == 0 else 0.0)
     lines, metrics = gen.selection_table([tmp_path / "steady", tmp_path / "edge"], [tmp_path / "sft"], [0, 1, 2])
     text = "\n".join(lines)
     assert "Selection on seeds 0, 1, 2 only" in text  # seed 10 is held out: not shown, not counted
-    assert ("| steady | `defense=trap` `defense.params.lam=0.5` | 0, 1, 2 | 9/9, 9/9, 9/9 | 0.98, 0.98, 0.98 | "
+    assert ("| steady | `defense=trap` `defense.params.lam=0.5` | 0, 1, 2 | 9/9, 9/9, 9/9 | 0.10, 0.10, 0.10 | 0.98, 0.98, 0.98 | "
             "1.00, 1.00, 1.00 | 0.98, 0.98, 0.98 | 3/3 |") in text
-    assert "| edge | `defense=trap` `defense.params.lam=1.0` | 0, 1, 2 | 9/9, 4/9, 9/9 | 1.00, 1.00, 0.56 |" in text
+    assert "| edge | `defense=trap` `defense.params.lam=1.0` | 0, 1, 2 | 9/9, 4/9, 9/9 | 0.02, 0.10, 0.10 | 1.00, 1.00, 0.56 |" in text
     assert text.rstrip().splitlines()[-3].endswith("| 1/3 |")
     assert len(metrics) == 3 * 3 * 10  # three directories x three seeds x (9 cells + benign)
