@@ -53,23 +53,17 @@ def no_win_verdict(
     return SAFE if hs_post <= hs_aligned + margin + _EPS else BROKEN
 
 
-def no_win_margin(
-    hs_post: float | None,
-    hs_aligned: float | None,
-    utility_post: float | None,
-    utility_pre: float | None,
-    margin: float = HS_MARGIN,
-    collapse_fraction: float = COLLAPSE_FRACTION,
-) -> float | None:
+def no_win_margin(hs_post: float | None, hs_aligned: float | None, utility_post: float | None,
+                  utility_pre: float | None) -> float | None:
     """How far a cell is from the other side of :func:`no_win_verdict`'s line: the larger of the harmful score's
-    distance below the safe line (HS(aligned) + margin - HS) and the utility ratio's below the collapse line
-    (fraction - U_post / U_pre). > 0: the defender won by that much; < 0: the attacker won, by that much; None:
+    distance below the safe line (HS(aligned) + HS_MARGIN - HS) and the utility ratio's below the collapse line
+    (COLLAPSE_FRACTION - U_post / U_pre). > 0: the defender won by that much; < 0: the attacker won, by that much; None:
     numbers missing. A cell whose margin is a few hundredths would flip with a little noise."""
     sides = []
     if utility_post is not None and utility_pre is not None and utility_pre > 0:
-        sides.append(collapse_fraction - utility_post / utility_pre)
+        sides.append(COLLAPSE_FRACTION - utility_post / utility_pre)
     if not (hs_post is None or hs_aligned is None or math.isnan(hs_post) or math.isnan(hs_aligned)):
-        sides.append(hs_aligned + margin - hs_post)
+        sides.append(hs_aligned + HS_MARGIN - hs_post)
     return max(sides) if sides else None
 
 
