@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 GENERATED = REPO / "experiments" / "results.md"
 
@@ -17,13 +19,17 @@ def _generator():
     return module
 
 
-def test_readme_results_block_equals_the_generated_file():
+@pytest.mark.parametrize(("readme", "generated"), [
+    (REPO / "README.md", GENERATED),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md"),
+])
+def test_readme_results_block_equals_the_generated_file(readme, generated):
     gen = _generator()
-    readme = (REPO / "README.md").read_text()
-    assert gen.BEGIN in readme and gen.END in readme, "README has a generated results block"
-    block = readme.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0].strip()
-    assert block == GENERATED.read_text().strip(), (
-        "README's results differ from experiments/results.md: regenerate both with experiments/readme_results.py")
+    text = readme.read_text()
+    assert gen.BEGIN in text and gen.END in text, f"{readme} has a generated results block"
+    block = text.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0].strip()
+    assert block == generated.read_text().strip(), (
+        f"{readme}'s results differ from {generated}: regenerate both with experiments/readme_results.py")
 
 
 def _write(path: Path, seed: int, pre: dict, post: dict | None = None) -> None:
