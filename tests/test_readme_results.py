@@ -22,7 +22,7 @@ def _generator():
 @pytest.mark.parametrize(("readme", "generated"), [
     (REPO / "README.md", GENERATED),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md"),
-])
+], ids=["README", "nowin-README"])
 def test_readme_results_block_equals_the_generated_file(readme, generated):
     gen = _generator()
     text = readme.read_text()
