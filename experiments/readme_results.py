@@ -162,7 +162,8 @@ def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
         rows = [table[path].get((seed, defense)) for path in paths]
         cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · {r.task_accuracy:.3f}" for r in rows]
         won = [r.won for r in rows if r is not None]
-        lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {max(won) - min(won)} |")
+        difference = max(won) - min(won) if len(won) == len(rows) else "—"  # only where every path ran
+        lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {difference} |")
     return lines, [{"environment": run.environment} for run in runs]
 
 
