@@ -110,7 +110,7 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out.resolve()
     common = [f"seed={args.seed}", *args.overrides]
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]  # other work on the machine slows the demo: recorded
     status = 0
     if args.basic:
         basic(out, common)
@@ -120,8 +120,10 @@ def main() -> int:
     seconds = time.perf_counter() - start
     print(f"quickstart wall time: {seconds:.0f} s; outputs in {out}")
     command = "python experiments/quickstart.py" + (" --basic" if args.basic else "")
-    (out / "quickstart.json").write_text(json.dumps({"command": command, "wall_time_s": round(seconds, 1),
-                                                     "seed": args.seed, "jobs": args.jobs, "status": status}))
+    (out / "quickstart.json").write_text(json.dumps({
+        "command": command, "wall_time_s": round(seconds, 1), "seed": args.seed, "jobs": args.jobs, "status": status,
+        "cpus": os.cpu_count(), "load_average_start": round(load, 2), "load_average_end": round(os.getloadavg()[0], 2),
+    }))
     return status
 
 

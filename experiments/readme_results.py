@@ -223,15 +223,19 @@ def rerun_text(result) -> tuple[str, list]:
 
 def wall_time_text(path: Path) -> str:
     """``Wall time of README command 1 (...): N s.`` from quickstart.json or a quickstart log."""
+    load = ""
     if path.is_dir():
         data = json.loads((path / "quickstart.json").read_text())
         seconds, what = data["wall_time_s"], data["command"]
+        if "load_average_start" in data:
+            load = (f" (1-minute load average {data['load_average_start']:g} at its start and "
+                    f"{data['load_average_end']:g} at its end, on {data['cpus']} cores)")
     else:
         found = re.findall(r"quickstart wall time: (\d+) s", path.read_text())
         if not found:
             raise SystemExit(f"error: {path}: no 'quickstart wall time' line")
         seconds, what = float(found[-1]), "python experiments/quickstart.py"
-    return f"Wall time of `{what}` from a fresh cache: {float(seconds):.0f} s."
+    return f"Wall time of `{what}` from a fresh cache: {float(seconds):.0f} s{load}."
 
 
 def main(argv: list[str] | None = None) -> int:

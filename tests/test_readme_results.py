@@ -156,3 +156,13 @@ def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_mee
     assert "| edge | `defense=trap` `defense.params.lam=1.0` | 0, 1, 2 | 9/9, 4/9, 9/9 | 0.02, 0.10, 0.10 | 1.00, 1.00, 0.56 |" in text
     assert text.rstrip().splitlines()[-3].endswith("| 1/3 |")
     assert len(metrics) == 3 * 3 * 10  # three directories x three seeds x (9 cells + benign)
+
+
+def test_wall_time_line_quotes_the_machines_load_during_the_demo(tmp_path):
+    gen = _generator()
+    (tmp_path / "quickstart.json").write_text(json.dumps({
+        "command": "python experiments/quickstart.py", "wall_time_s": 812.4, "seed": 0, "jobs": 2, "status": 0,
+        "cpus": 2, "load_average_start": 0.12, "load_average_end": 2.3}))
+    assert gen.wall_time_text(tmp_path) == (
+        "Wall time of `python experiments/quickstart.py` from a fresh cache: 812 s (1-minute load average 0.12 at its "
+        "start and 2.3 at its end, on 2 cores).")
