@@ -97,6 +97,14 @@ def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
     return 1 if any(failed) else 0
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none, e.g. Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"), help="output directory")
@@ -110,7 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     out = args.out.resolve()
     common = [f"seed={args.seed}", *args.overrides]
-    start, load = time.perf_counter(), os.getloadavg()[0]  # other work on the machine slows the demo: recorded
+    start, load = time.perf_counter(), load_average()  # other work on the machine slows the demo: recorded
     status = 0
     if args.basic:
         basic(out, common)
@@ -122,7 +130,7 @@ def main() -> int:
     command = "python experiments/quickstart.py" + (" --basic" if args.basic else "")
     (out / "quickstart.json").write_text(json.dumps({
         "command": command, "wall_time_s": round(seconds, 1), "seed": args.seed, "jobs": args.jobs, "status": status,
-        "cpus": os.cpu_count(), "load_average_start": round(load, 2), "load_average_end": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(), "load_average_start": load, "load_average_end": load_average(),
     }))
     return status
 

@@ -227,7 +227,7 @@ def wall_time_text(path: Path) -> str:
     if path.is_dir():
         data = json.loads((path / "quickstart.json").read_text())
         seconds, what = data["wall_time_s"], data["command"]
-        if "load_average_start" in data:
+        if data.get("load_average_start") is not None and data.get("load_average_end") is not None:
             load = (f" (1-minute load average {data['load_average_start']:g} at its start and "
                     f"{data['load_average_end']:g} at its end, on {data['cpus']} cores)")
     else:
