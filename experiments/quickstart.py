@@ -75,7 +75,7 @@ def chain(out: Path, defense: str, common: list[str]) -> list[list[str]]:
     ]
 
 
-def run_chain(commands: list[list[str]], env: dict) -> int:
+def run_chain(commands: list[list[str]], env: dict | None) -> int:
     """Run ``commands`` one after another; stop at the first that fails (the next ones need its output)."""
     for args in commands:
         if run(args, check=False, env=env):

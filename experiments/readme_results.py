@@ -130,16 +130,17 @@ def acceptance_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
 
 def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None) -> tuple[list[str], list[dict]]:
     """A selection: each directory one setting tried on the selection seeds, against SFT's runs of those seeds."""
-    from selfdestruct.report import acceptance, collect
+    from selfdestruct.report import acceptance, build_report, collect
 
-    settings = acceptance.selection(dirs, sft, seeds)
+    report = build_report([*dirs, *sft], collect([*dirs, *sft]))
+    settings = acceptance.selection(report, dirs, sft, seeds)
     used = sorted({row.seed for s in settings for row in s.rows})
     lines = [f"Selection on seeds {', '.join(map(str, used))} only (ratios to the SFT model of the same seed, each "
              "seed's value in order; `python -m selfdestruct.report.acceptance --per-setting`):", "",
              acceptance.selection_markdown(settings), "",
              f"Bars on each seed: no-win >= {acceptance.DEFENSE_NO_WIN}/9, utility >= {acceptance.UTILITY_KEPT:g} x "
              f"SFT's, benign task accuracy and utility after the benign fine-tune >= {acceptance.BENIGN_KEPT:g} x SFT's."]
-    runs = [r for r in collect([*dirs, *sft]) if r.status == "ok" and (seeds is None or r.seed in seeds)]
+    runs = [r for r in report.runs if r.status == "ok" and (seeds is None or r.seed in seeds)]
     return lines, [{"environment": run.environment} for run in runs]
 
 
@@ -184,11 +185,12 @@ def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
              "| defense | trials (failed) | worst-case success | its attack | harmful score / utility (÷ pre) "
              "| best in the first 10 trials | verdict | its attack re-run on other seeds: success per seed |",
              "|---|---|---|---|---|---|---|---|"]
+    seen = {run.path for run in runs}
     for result in results:
         best, counted = result.best, result.counted
         first10 = [t.value for t in counted[:10] if t.value is not None]
         rerun, rerun_runs = rerun_text(result)
-        runs += [r for r in rerun_runs if r.path not in {run.path for run in runs}]  # once, if under roots too
+        runs += [r for r in rerun_runs if r.path not in seen]  # once, if under roots too
         if best is None:
             lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | — | — | — | — | "
                          f"{result.break_text()} | {rerun} |")
@@ -208,16 +210,17 @@ def rerun_text(result) -> tuple[str, list]:
     ``selfdestruct.report.search.rerun_command`` names), e.g. ``1.000, 0.970, 1.000 (seeds 0, 1, 2)``."""
     from selfdestruct.report import collect
     from selfdestruct.report.collect import number
+    from selfdestruct.report.search import rerun_dir
 
-    where = result.path.parent / f"{result.path.name}_best"
+    where = rerun_dir(result)
     if not where.is_dir():
         return "not run", []
     runs = sorted((r for r in collect([where]) if r.status == "ok" and r.stage == "attack"),
                   key=lambda r: (r.seed is None, r.seed or 0))
     if not runs:
         return "not run", []
-    values = ", ".join("—" if number(r.search, "attack_success") is None else f"{number(r.search, 'attack_success'):.3f}"
-                       for r in runs)
+    successes = [number(r.search, "attack_success") for r in runs]
+    values = ", ".join("—" if v is None else f"{v:.3f}" for v in successes)
     return f"{values} (seeds {', '.join(str(r.seed) for r in runs)})", runs
 
 

@@ -57,20 +57,19 @@ class Row:
                 and ratios[1] >= BENIGN_KEPT and ratios[2] >= BENIGN_KEPT)
 
 
-def _runs(report: Report, seed: int | None, defense: str) -> list[Run]:
+def _runs(report: Report, seed: int | None, defense: str, runs_of: Sequence[Path] | None = None) -> list[Run]:
+    """The complete attack runs of one seed and defense (only those under ``runs_of`` when given)."""
+    under = None if runs_of is None else [p.resolve() for p in runs_of]
     return [r for r in report.runs if r.status == "ok" and r.stage == "attack" and r.seed == seed
-            and r.defense == defense]
+            and r.defense == defense and (under is None or any(r.path.resolve().is_relative_to(p) for p in under))]
 
 
 def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
     """One row per seed and defense that has attack runs (only runs under ``runs_of`` when given)."""
     out = []
-    under = None if runs_of is None else [p.resolve() for p in runs_of]
     for seed in report.seeds():
         for defense in report.defenses():
-            runs = _runs(report, seed, defense)
-            if under is not None:
-                runs = [r for r in runs if any(r.path.resolve().is_relative_to(p) for p in under)]
+            runs = _runs(report, seed, defense, runs_of)
             if not runs:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
@@ -134,12 +133,12 @@ def _defense_overrides(runs: Sequence[Run]) -> list[str]:
     return sorted(common, key=lambda o: not o.startswith("defense="))
 
 
-def selection(settings: Sequence[Path], sft: Sequence[Path], seeds: Sequence[int] | None = None) -> list[Setting]:
+def selection(report: Report, settings: Sequence[Path], sft: Sequence[Path],
+              seeds: Sequence[int] | None = None) -> list[Setting]:
     """Each directory of ``settings`` is one setting (named after the directory); ``sft`` holds SFT's runs of the
-    same seeds. A setting's directory must hold the runs of one defense (its SFT runs, if any, are ignored).
-    ``seeds``: only these seeds (e.g. the selection seeds, leaving out held-out runs under the same directory)."""
-    roots = [*settings, *sft]
-    report = build_report(roots, collect(roots))
+    same seeds; ``report`` is built over both. A setting's directory must hold the runs of one defense (its SFT
+    runs, if any, are ignored). ``seeds``: only these seeds (e.g. the selection seeds, leaving out held-out runs
+    under the same directory)."""
     baseline = {row.seed: row for row in rows(report, sft) if row.defense == BASELINE_DEFENSE}
     out = []
     for root in settings:
@@ -148,9 +147,7 @@ def selection(settings: Sequence[Path], sft: Sequence[Path], seeds: Sequence[int
         labels = sorted({row.defense for row in own})
         if len(labels) > 1:
             raise ValueError(f"{root}: runs of several defenses ({', '.join(labels)}); one setting per directory")
-        under = root.resolve()
-        runs = [r for r in report.runs if r.status == "ok" and r.stage == "attack" and r.defense in labels
-                and (seeds is None or r.seed in seeds) and r.path.resolve().is_relative_to(under)]
+        runs = [r for row in own for r in _runs(report, row.seed, row.defense, [root])]
         out.append(Setting(root.name, _defense_overrides(runs), own, baseline))
     return out
 
@@ -188,26 +185,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print("error: no such directory: " + ", ".join(missing), file=sys.stderr)
         return 2
+    if args.per_setting and not args.sft:
+        parser.error("--per-setting needs --sft directories (the SFT runs of the same seeds)")
+    roots = [*args.roots, *args.sft]
+    report = build_report(roots, collect(roots))
     if args.per_setting:
-        if not args.sft:
-            parser.error("--per-setting needs --sft directories (the SFT runs of the same seeds)")
         try:
-            text = selection_markdown(selection(args.roots, args.sft, args.seeds))
+            text = selection_markdown(selection(report, args.roots, args.sft, args.seeds))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(text)
-        if args.out:
-            args.out.write_text(text + "\n")
-        return 0
-    roots = [*args.roots, *args.sft]
-    report = build_report(roots, collect(roots))
-    table = rows(report, args.roots)
-    if args.sft:  # one report of both: SFT rows from --sft only, the defenses' from the roots
-        table = [r for r in rows(report, args.sft) if r.defense == BASELINE_DEFENSE] + \
-            [r for r in table if r.defense != BASELINE_DEFENSE]
-        table.sort(key=lambda r: (r.seed is None, r.seed or 0))
-    text = markdown(table)
+    else:
+        table = rows(report, args.roots)
+        if args.sft:  # one report of both: SFT rows from --sft only, the defenses' from the roots
+            table = [r for r in rows(report, args.sft) if r.defense == BASELINE_DEFENSE] + \
+                [r for r in table if r.defense != BASELINE_DEFENSE]
+            table.sort(key=lambda r: (r.seed is None, r.seed or 0))
+        text = markdown(table)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

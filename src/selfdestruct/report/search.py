@@ -123,6 +123,11 @@ def config_text(run: Run) -> str:
     return " ".join(parts)
 
 
+def rerun_dir(result: SearchResult) -> Path:
+    """Where the re-run of ``result``'s best attack on other seeds goes: ``<study>_best`` beside the study."""
+    return result.path.parent / f"{result.path.name}_best"
+
+
 def rerun_command(result: SearchResult, seeds: str = "0,1,2") -> str | None:
     """The command that re-runs the best attack of ``result`` on ``seeds`` (a multirun beside the search)."""
     best = result.best
@@ -132,8 +137,8 @@ def rerun_command(result: SearchResult, seeds: str = "0,1,2") -> str | None:
     overrides = [str(o) for o in (given or best.run.overrides) if not str(o).startswith(_NOT_REPEATED)]
     if not any(o.startswith("model_path=") for o in overrides):
         overrides.insert(0, "model_path=defend")  # what sweep=attack_search sets
-    out = result.path.parent / f"{result.path.name}_best"
-    words = ["python", "-m", "selfdestruct.attack", "-m", *overrides, f"seed={seeds}", f"hydra.sweep.dir={out}"]
+    words = ["python", "-m", "selfdestruct.attack", "-m", *overrides, f"seed={seeds}",
+             f"hydra.sweep.dir={rerun_dir(result)}"]
     return " ".join(shlex.quote(w) for w in words)
 
 
