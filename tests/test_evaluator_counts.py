@@ -44,3 +44,48 @@ def test_without_a_collapse_token_neither_share_is_reported():
     result, _ = _Stub(tokenizer=None, sets=_sets(), judge=KeywordJudge(), show_progress=False)(torch.nn.Linear(1, 1),
                                                                                            "post")
     assert "collapse_token_rate" not in result and "collapse_token_rate_benign" not in result
+
+
+class _DeviceSpy(_Stub):
+    """Records the device of the model's parameters when it generates."""
+
+    seen: list
+
+    def generate(self, model, prompts):
+        self.seen.append(next(model.parameters()).device.type)
+        return super().generate(model, prompts)
+
+
+def test_the_model_is_evaluated_where_eval_device_says_and_left_where_it_was():
+    spy = _DeviceSpy(tokenizer=None, sets=_sets(), judge=KeywordJudge(), show_progress=False, device="cpu")
+    spy.seen = []
+    model = torch.nn.Linear(1, 1)
+    spy(model, "post")
+    assert spy.seen == ["cpu", "cpu"] and next(model.parameters()).device.type == "cpu"
+
+
+def _eval_cfg(device: str, accelerator: str = "auto"):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"eval": {"device": device}, "trainer": {"accelerator": accelerator}})
+
+
+@pytest.mark.parametrize(("device", "accelerator", "cuda", "expected"), [
+    ("auto", "auto", False, "cpu"), ("auto", "auto", True, "cuda"), ("auto", "gpu", True, "cuda"),
+    ("auto", "cpu", True, "cpu"), ("cpu", "gpu", True, "cpu"), ("cuda:1", "auto", True, "cuda:1"),
+])
+def test_eval_device_auto_follows_the_trainer_and_the_machine(monkeypatch, device, accelerator, cuda, expected):
+    from selfdestruct.cli_common import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert eval_device(_eval_cfg(device, accelerator)) == expected
+
+
+@pytest.mark.parametrize(("device", "message"), [("tpu", "expected auto, cpu, cuda"), ("cuda", "not available")])
+def test_a_bad_eval_device_is_refused_naming_the_key(monkeypatch, device, message):
+    from selfdestruct.cli_common import eval_device
+    from selfdestruct.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=f"eval.device={device}.*{message}"):
+        eval_device(_eval_cfg(device))

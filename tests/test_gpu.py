@@ -33,3 +33,15 @@ def test_ctrap_step_on_bf16_cuda_restores_weights():
     stats = ctrap_step(model, align, harmful, general, CtrapParams(measure_lookahead=False), token_id=5)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert stats["loss_collapse"] > 0
+
+
+def test_evaluation_runs_on_the_gpu_and_leaves_the_model_where_it_was():
+    from test_evaluator_counts import _DeviceSpy, _sets
+    from selfdestruct.eval.judges import KeywordJudge
+
+    spy = _DeviceSpy(tokenizer=None, sets=_sets(), judge=KeywordJudge(), show_progress=False, device="cuda")
+    spy.seen = []
+    model = torch.nn.Linear(1, 1)
+    result, _ = spy(model, "post")
+    assert spy.seen == ["cuda", "cuda"] and next(model.parameters()).device.type == "cpu"
+    assert result["utility"] == pytest.approx(0.5)

@@ -48,6 +48,8 @@ def batch_gradient(model: torch.nn.Module, tokenizer, examples: Sequence[Example
                    fmt: PromptFormat) -> list[torch.Tensor]:
     """∇ of the mean response-token cross-entropy of ``examples`` (one batch), detached, fp32."""
     batch = collate([encode_example(tokenizer, ex, MAX_LENGTH, fmt) for ex in examples], tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     params = trainable_parameters(model)
     return snapshot(gradient(response_ce(model, batch), params))
 
@@ -58,10 +60,11 @@ def cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float,
 
 
 def measure(model_dir: str | Path, batch_size: int = 16, pairs: int = 16, seed: int = 0, world_seed: int = 0,
-            template: str = DEFAULT_TEMPLATE) -> dict[str, float | str | int]:
+            template: str = DEFAULT_TEMPLATE, device: str = "cpu") -> dict[str, float | str | int]:
     """cos(g_a, g_b) of the model in ``model_dir`` on held-out batches (see the module docstring)."""
     torch.manual_seed(seed)
     model, tokenizer = load_model_dir(model_dir)
+    model.to(device)
     model.eval()  # no dropout in the tiny Llama, but be explicit: gradients of the deterministic model
     fmt = PromptFormat(template)
     harmful, benign = held_out(world_seed)
@@ -100,10 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the batch draw")
     parser.add_argument("--world-seed", type=int, default=0, help="data.world_seed of the synthetic world")
     parser.add_argument("--json", type=Path, help="also write the results here as a JSON list")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one) | cpu | cuda[:N]")
     args = parser.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     results = []
     for model_dir in args.models:
-        result = measure(model_dir, args.batch_size, args.pairs, args.seed, args.world_seed)
+        result = measure(model_dir, args.batch_size, args.pairs, args.seed, args.world_seed, device=device)
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.json:

@@ -61,8 +61,11 @@ def attack_examples(bundle, spec: AttackConfig, seed: int) -> list:
 def pre_attack_evaluation(cfg: DictConfig, model_path, run):
     """The pre-attack evaluation of ``model_path``, computed once per model, evaluation set and numerical
     environment and shared by every cell that attacks that model (greedy decoding: the same numbers each time)."""
+    evaluated = {k: v for k, v in cc.resolved_config(cfg.eval).items() if k != "device"}
+    if (device := cc.eval_device(cfg)) != "cpu":  # CPU keys stay those of the runs made before eval.device existed
+        evaluated["device"] = device
     key = {"stage": "pre-attack", "version": CACHE_VERSION, "model": checkpoint_id(Path(model_path)),
-           "eval": cc.resolved_config(cfg.eval), "data": cc.data_key(cfg),
+           "eval": evaluated, "data": cc.data_key(cfg),
            "environment": numerics_fingerprint(environment())}
 
     def build(out: Path) -> None:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfdestruct.data.formatting import PromptFormat
@@ -112,7 +113,20 @@ def evaluator(cfg: DictConfig, tokenizer, bundle: DataBundle) -> Evaluator:
                      tokenizer=tokenizer, sets=bundle.eval_sets.limited(cfg.eval.max_examples), judge=judge,
                      max_new_tokens=int(cfg.eval.max_new_tokens), batch_size=int(cfg.eval.batch_size),
                      collapse_token_id=collapse_id, fmt=prompt_format(cfg),
-                     show_progress=bool(cfg.trainer.progress_bar))
+                     show_progress=bool(cfg.trainer.progress_bar), device=eval_device(cfg))
+
+
+def eval_device(cfg: DictConfig) -> str:
+    """``eval.device``: auto = the GPU when the trainer may use one and CUDA is there, else the CPU."""
+    choice = str(cfg.eval.get("device", "auto"))
+    if choice not in ("auto", "cpu", "cuda") and not choice.startswith("cuda:"):
+        raise UserError(f"eval.device={choice}: expected auto, cpu, cuda or cuda:N")
+    if choice == "auto":
+        gpu_allowed = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
+        return "cuda" if gpu_allowed and torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"eval.device={choice} but CUDA is not available on this machine (use auto or cpu)")
+    return choice
 
 
 def make_judge(cfg: DictConfig, bundle: DataBundle):

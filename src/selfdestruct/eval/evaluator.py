@@ -63,6 +63,7 @@ class Evaluator:
     show_progress: bool = True
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    device: str | None = None  # where the model is evaluated (moved there and back); None: where it is
 
     @torch.no_grad()
     def generate(self, model, prompts: list[str]) -> tuple[list[str], list[list[int]]]:
@@ -106,7 +107,18 @@ class Evaluator:
         return total, count
 
     def __call__(self, model, stage: str) -> tuple[dict[str, float], dict[str, list]]:
-        """Evaluate ``model``; returns the flat metric dict and the raw generations (for inspection)."""
+        """Evaluate ``model`` on :attr:`device`; returns the flat metric dict and the raw generations."""
+        home = next(model.parameters()).device
+        target = torch.device(self.device) if self.device else home
+        if target == home:
+            return self._evaluate(model, stage)
+        model.to(target)
+        try:
+            return self._evaluate(model, stage)
+        finally:
+            model.to(home)
+
+    def _evaluate(self, model, stage: str) -> tuple[dict[str, float], dict[str, list]]:
         was_training = model.training
         model.eval()
         metrics = evaluation_metrics()
