@@ -26,6 +26,7 @@ bounded machine lease still returns a table of what finished (an unfinished grid
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -125,6 +126,13 @@ def run_all(out: Path, sizes: list[str], seeds: list[int], defenses: list[str], 
         t.join()
 
 
+def last_defense_step(run_dir: Path) -> int | None:
+    """The last optimiser step the defense stage of a defend run logged (CSV), or None (SFT trains no defense)."""
+    steps = [int(row["step"]) for path in sorted(run_dir.glob("csv/*.csv")) for row in csv.DictReader(path.open())
+             if row.get("step") and any(k.startswith("defense/") and v for k, v in row.items())]
+    return max(steps) if steps else None
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -155,7 +163,9 @@ def summarise(out: Path) -> list[dict]:
                 collapse = [v for j in ok if (v := number(j.run.post, "collapse_token_rate")) is not None]
                 rows.append({
                     "size": size_dir.name, "defense": defense_dir.name, "seed": seed,
-                    "num_parameters": defend.get("num_parameters"),
+                    "num_parameters": defend.get("num_parameters"), "defended": bool(defend),
+                    "environment": defend.get("environment"),
+                    "defense_steps": last_defense_step(seed_dir / "defend"),
                     "utility": number(defend.get("pre"), "utility"),
                     "harmful_score": number(defend.get("pre"), "harmful_score"),
                     "no_win": sum(j.verdict in DEFENDER_WINS for j in ok), "cells": len(ok),
@@ -170,12 +180,19 @@ def _f(value, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| size | parameters | defense | seed | no-win | utility (pre-attack) | held-out cos(g_a, g_b) "
-             "| collapse-token share after attack (mean / max cell) |", "|---|---|---|---|---|---|---|---|"]
+    from selfdestruct.utils.provenance import describe
+
+    made = sorted({describe(r["environment"]) for r in rows if r.get("environment")})
+    lines = [f"Written by `python experiments/scale/run.py --summary-only` on {time.strftime('%Y-%m-%d')} from the runs "
+             f"of {len({r['seed'] for r in rows})} seeds; made with: {'; '.join(made) or 'unknown'}.", "","| size | parameters | defense | seed | defense steps | no-win | utility (pre-attack) "
+             "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         no_win = f"{r['no_win']}/{r['cells']}" + ("" if r["cells"] == 9 else " (grid unfinished)")
         params = f"{r['num_parameters'] / 1e6:.1f} M" if r["num_parameters"] else "—"
-        lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {no_win} | {_f(r['utility'])} "
+        steps = "—" if r["defense_steps"] is None else str(r["defense_steps"])
+        steps += "" if r["defended"] else " (stopped)"
+        lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} | {_f(r['utility'])} "
                      f"| {_f(r['cos_heldout'])} | {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,70 @@
+"""The scale study's plan (experiments/scale/run.py): train lengths matched to the papers, per-size learning rates,
+a deadline that stops work, and a table that says what did not finish. Nothing trains here."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "src" / "selfdestruct" / "conf"
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "experiments" / "scale" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _epochs(overrides: list[str]) -> int:
+    return int(next(o.split("=")[1] for o in overrides if o.startswith("defense.optim.epochs=")))
+
+
+def test_train_lengths_match_the_papers_optimiser_steps():
+    study = _study()
+    pool = 600  # the synthetic world's defense prompts (SPEC section 6)
+    seam = yaml.safe_load((CONF / "defense" / "seam.yaml").read_text())["optim"]["batch_size"]
+    ctrap = yaml.safe_load((CONF / "defense" / "ctrap.yaml").read_text())["optim"]["batch_size"]
+    seam_steps = _epochs(study.MATCHED["seam"]) * -(-pool // seam)  # one epoch: the harmful stream in batches of 4
+    ctrap_steps = _epochs(study.MATCHED["ctrap"]) * -(-pool // (ctrap // 2))  # retain pairs, 5 per batch of 10
+    assert abs(seam_steps - 8000 // 4) / 2000 <= 0.05  # published: 8000 prompts, batch 4, 1 epoch
+    assert abs(ctrap_steps - 20 * -(-4999 // 10)) / 10000 <= 0.01  # published: 4999 examples, batch 10, 20 epochs
+
+
+def test_each_size_is_the_configured_width_and_its_learning_rates_scale_with_it():
+    study = _study()
+    pretrain = yaml.safe_load((CONF / "pretrain" / "default.yaml").read_text())["lr"]
+    align = yaml.safe_load((CONF / "align" / "default.yaml").read_text())["lr"]
+    for size, width in study.WIDTH.items():
+        assert yaml.safe_load((CONF / "model" / f"{size}.yaml").read_text())["hidden_size"] == width
+    # the tiny model keeps the defaults, so its runs share the cache with every other run of the embedded default
+    assert study.size_overrides("tiny") == ["model=tiny", f"pretrain.lr={pretrain:g}", f"align.lr={align:g}"]
+    assert study.size_overrides("medium") == ["model=medium", f"pretrain.lr={pretrain / 4:g}", f"align.lr={align / 4:g}"]
+
+
+def test_the_deadline_stops_a_running_command_and_starts_no_new_one(tmp_path):
+    study = _study()
+    run = study.Runner(jobs=1, deadline=time.time() + 2, env=None)
+    started = time.time()
+    assert run(["-c", "import time; time.sleep(60)"], tmp_path / "long.log") is False
+    assert time.time() - started < 30
+    assert run(["-c", "print('never')"], tmp_path / "late.log") is False and not (tmp_path / "late.log").exists()
+
+
+def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
+    study = _study()
+    csv_dir = tmp_path / "defend" / "csv"
+    csv_dir.mkdir(parents=True)
+    (csv_dir / "metrics.csv").write_text("align/loss,defense/loss,step\n0.5,,599\n,2.0,99\n,1.5,140\n")
+    assert study.last_defense_step(tmp_path / "defend") == 140  # the alignment's steps do not count
+    row = {"size": "tiny", "defense": "ctrap", "seed": 0, "num_parameters": None, "defended": False,
+           "environment": None, "defense_steps": 140, "utility": None, "no_win": 0, "cells": 0,
+           "cos_heldout": None, "collapse_share_mean": None, "collapse_share_max": None}
+    line = study.markdown([row]).splitlines()[-1]
+    assert "140 (stopped)" in line and "0/0 (grid unfinished)" in line
