@@ -63,3 +63,9 @@ def test_malformed_data_file(tmp_path, content, where):
     proc = _run("selfdestruct.attack", f"model_path={tmp_path}", f"data.attack_file={bad}", run_dir=tmp_path)
     _assert_failed_cleanly(proc, tmp_path, f"{bad}{where}")
     assert len(_error_lines(proc)) == 1
+
+
+def test_an_unknown_eval_device_is_refused_before_any_work(tmp_path):
+    proc = _run("selfdestruct.defend", "model=micro", "eval.device=tpu", run_dir=tmp_path)
+    _assert_failed_cleanly(proc, tmp_path, "eval.device=tpu")
+    assert not (tmp_path / "csv").exists()  # no stage started

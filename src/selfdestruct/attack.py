@@ -89,7 +89,7 @@ def attack(cfg: DictConfig) -> dict:
     cc.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     objective = attack_objective(cfg)
-    cc.trainer_config(cfg)
+    cc.trainer_config(cfg), cc.eval_device(cfg)
     defense = None
     if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
         defense = cc.check_stages(cfg)

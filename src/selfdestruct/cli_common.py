@@ -174,7 +174,7 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
     """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
-    trainer_config(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    trainer_config(cfg), eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
     if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
         check_model_path(cfg.model.path, "model.path")
     return defense_spec(cfg)
