@@ -8,12 +8,14 @@
 for every number, how many runs stand behind it and their spread (median [min–max]), and are stamped with the
 date, the machine, the package versions and the seeds, all read from the runs' ``metrics.json``. The same
 Markdown is written to ``--out`` and between the ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers of
-``--readme``; ``tests/test_readme_results.py`` fails when the two differ.
+``--readme`` (``--marker NAME``: ``<!-- NAME:begin -->`` ...); ``tests/test_readme_results.py`` fails when the two
+differ. ``--recipe OUT`` takes the tree of ``experiments/nowin/ctrap_recipe.py --out OUT`` (its table).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
@@ -21,7 +23,12 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+def markers(name: str = "results") -> tuple[str, str]:
+    """The begin and end markers of a generated block in a README."""
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+BEGIN, END = markers()
 ROWS = (  # (label, sub-directory of a --basic output, section, metric)
     ("aligned (SFT): utility", "defend", "pre", "utility"),
     ("aligned (SFT): harmful score", "defend", "pre", "harmful_score"),
@@ -144,6 +151,20 @@ def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None) 
     return lines, [{"environment": run.environment} for run in runs]
 
 
+def recipe_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
+    """The published-vs-full CTRAP comparison of ``experiments/nowin/ctrap_recipe.py`` over its output tree."""
+    if len(dirs) != 1:
+        raise SystemExit("error: --recipe takes one ctrap_recipe.py output directory")
+    spec = importlib.util.spec_from_file_location("ctrap_recipe", Path(__file__).parent / "nowin" / "ctrap_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    table, _ = recipe.build_table(dirs[0], [recipe.label(d, None) for d in recipe.DEFENSES])
+    metrics = [_load(path.parent) for path in sorted(dirs[0].rglob("metrics.json"))]
+    seeds = sorted({m["seed"] for m in metrics if m.get("seed") is not None})
+    lines = [f"`python experiments/nowin/ctrap_recipe.py`, seeds {', '.join(map(str, seeds))}:", "", table.rstrip()]
+    return lines, metrics
+
+
 def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy."""
     from selfdestruct.report import acceptance, build_report, collect
@@ -260,11 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of the same seeds on several CPU kernel paths: one column per path")
     parser.add_argument("--search", nargs="*", type=Path, default=[],
                         help="sweep=attack_search directories (one study per defense): the worst-case table")
+    parser.add_argument("--recipe", nargs="*", type=Path, default=[],
+                        help="the output directory of experiments/nowin/ctrap_recipe.py: its comparison table")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
     parser.add_argument("--out", type=Path, required=True, help="the generated Markdown file")
     parser.add_argument("--readme", type=Path, help="a README whose results block is replaced by the same Markdown")
+    parser.add_argument("--marker", default="results", help="the README block's name: <!-- NAME:begin --> ...")
     args = parser.parse_args(argv)
     if args.selection and not args.selection_sft:
         parser.error("--selection needs --selection-sft (the SFT runs of the selection seeds)")
@@ -272,14 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     everything: list[dict] = []
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
                 (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds)),
-                (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table)]
+                (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table),
+                (args.recipe, recipe_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
             lines += table + [""]
             everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths and/or --search directories")
+        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search and/or --recipe "
+                     "directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]
@@ -287,13 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if args.readme:
+        begin, end = markers(args.marker)
         readme = args.readme.read_text()
-        if BEGIN not in readme or END not in readme:
-            print(f"error: {args.readme}: no {BEGIN} ... {END} block", file=sys.stderr)
+        if begin not in readme or end not in readme:
+            print(f"error: {args.readme}: no {begin} ... {end} block", file=sys.stderr)
             return 2
-        head, rest = readme.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        args.readme.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        head, rest = readme.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        args.readme.write_text(f"{head}{begin}\n{text}{end}{tail}")
     print(text)
     return 0
 

@@ -69,6 +69,13 @@ def test_generator_writes_medians_spreads_and_the_readme_block(tmp_path):
     held_out = out_md.read_text()
     assert "Held-out confirmation, seeds 0, 1, 2" in held_out
     assert all(f"| {seed} | sft | " in held_out for seed in range(3))
+    # a named block: only its markers' content is replaced, the results block beside it stays
+    begin, end = gen.markers("other")
+    readme.write_text(f"{gen.BEGIN}\nkept\n{gen.END}\n{begin}\nold\n{end}\n")
+    assert gen.main(["--basic", *map(str, dirs), "--out", str(out_md), "--readme", str(readme),
+                     "--marker", "other"]) == 0
+    new = readme.read_text()
+    assert "kept" in new and "old" not in new and new.split(begin)[1].split(end)[0].strip() == out_md.read_text().strip()
 
 
 def test_kernel_path_table_puts_each_path_in_its_own_column(tmp_path):
