@@ -36,11 +36,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments" / "nowin"))
+import yaml
 
-WIDTH = {"micro": 64, "tiny": 128, "small": 256, "medium": 512}  # hidden_size of each conf/model option
-PRETRAIN_LR, ALIGN_LR = 5.0e-3, 3.0e-3  # conf/pretrain/default.yaml, conf/align/default.yaml (the tiny width)
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "src" / "selfdestruct" / "conf"
+SIZES = ("micro", "tiny", "small", "medium")  # conf/model options built from config
 MATCHED = {  # defense -> overrides that match the paper's number of optimiser steps (module docstring)
     "sft": [],
     "seam": ["defense.optim.epochs=13"],
@@ -48,9 +48,15 @@ MATCHED = {  # defense -> overrides that match the paper's number of optimiser s
 }
 
 
+def conf(group: str, option: str = "default") -> dict:
+    return yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+
+
 def size_overrides(size: str) -> list[str]:
-    scale = 128 / WIDTH[size]
-    return [f"model={size}", f"pretrain.lr={PRETRAIN_LR * scale:g}", f"align.lr={ALIGN_LR * scale:g}"]
+    """The model option and the pre-training and alignment learning rates scaled by the tiny model's width over its."""
+    scale = conf("model", "tiny")["hidden_size"] / conf("model", size)["hidden_size"]
+    return [f"model={size}", f"pretrain.lr={conf('pretrain')['lr'] * scale:g}",
+            f"align.lr={conf('align')['lr'] * scale:g}"]
 
 
 class Runner:
@@ -143,7 +149,7 @@ def summarise(out: Path) -> list[dict]:
     from selfdestruct.report.verdict import DEFENDER_WINS, build_report
 
     rows = []
-    for size_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name in WIDTH):
+    for size_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name in SIZES):
         runs = collect([size_dir])
         report = build_report([size_dir], runs)
         cells: dict[tuple[str, str], list] = {}  # (defense dir, seed dir) -> judged attack runs
@@ -183,8 +189,10 @@ def markdown(rows: list[dict]) -> str:
     from selfdestruct.utils.provenance import describe
 
     made = sorted({describe(r["environment"]) for r in rows if r.get("environment")})
-    lines = [f"Written by `python experiments/scale/run.py --summary-only` on {time.strftime('%Y-%m-%d')} from the runs "
-             f"of {len({r['seed'] for r in rows})} seeds; made with: {'; '.join(made) or 'unknown'}.", "","| size | parameters | defense | seed | defense steps | no-win | utility (pre-attack) "
+    seeds = len({r["seed"] for r in rows})
+    lines = [f"Written by `python experiments/scale/run.py --summary-only` on {time.strftime('%Y-%m-%d')} from the "
+             f"runs of {seeds} seeds; made with: {'; '.join(made) or 'unknown'}.", "",
+             "| size | parameters | defense | seed | defense steps | no-win | utility (pre-attack) "
              "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -192,15 +200,15 @@ def markdown(rows: list[dict]) -> str:
         params = f"{r['num_parameters'] / 1e6:.1f} M" if r["num_parameters"] else "—"
         steps = "—" if r["defense_steps"] is None else str(r["defense_steps"])
         steps += "" if r["defended"] else " (stopped)"
-        lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} | {_f(r['utility'])} "
-                     f"| {_f(r['cos_heldout'])} | {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
+        lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} "
+                     f"| {_f(r['utility'])} | {_f(r['cos_heldout'])} | {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory (runs, summary.md, summary.json)")
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=sorted(WIDTH))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=SIZES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--defenses", nargs="+", default=["sft", "seam", "ctrap"], choices=sorted(MATCHED))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="commands at once")
