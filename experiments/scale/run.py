@@ -201,7 +201,8 @@ def markdown(rows: list[dict]) -> str:
         steps = "—" if r["defense_steps"] is None else str(r["defense_steps"])
         steps += "" if r["defended"] else " (stopped)"
         lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} "
-                     f"| {_f(r['utility'])} | {_f(r['cos_heldout'])} | {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
+                     f"| {_f(r['utility'])} | {_f(r['cos_heldout'])} "
+                     f"| {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
     return "\n".join(lines) + "\n"
 
 
