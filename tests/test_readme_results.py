@@ -19,15 +19,17 @@ def _generator():
     return module
 
 
-@pytest.mark.parametrize(("readme", "generated"), [
-    (REPO / "README.md", GENERATED),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md"),
-], ids=["README", "nowin-README"])
-def test_readme_results_block_equals_the_generated_file(readme, generated):
+@pytest.mark.parametrize(("readme", "generated", "marker"), [
+    (REPO / "README.md", GENERATED, "results"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md", "results"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "ctrap_recipe.md", "ctrap_recipe"),
+], ids=["README", "nowin-README", "nowin-README-ctrap-recipe"])
+def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
-    assert gen.BEGIN in text and gen.END in text, f"{readme} has a generated results block"
-    block = text.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0].strip()
+    begin, end = gen.markers(marker)
+    assert begin in text and end in text, f"{readme} has a generated {marker} block"
+    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
     assert block == generated.read_text().strip(), (
         f"{readme}'s results differ from {generated}: regenerate both with experiments/readme_results.py")
 
