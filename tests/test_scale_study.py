@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
+from selfdestruct.cli_common import CONF_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "src" / "selfdestruct" / "conf"
+CONF = Path(CONF_DIR)
 
 
 def _study():

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from selfdestruct.cli_common import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "src" / "selfdestruct" / "conf"
 SIZES = ("micro", "tiny", "small", "medium")  # conf/model options built from config
 MATCHED = {  # defense -> overrides that match the paper's number of optimiser steps (module docstring)
     "sft": [],
@@ -49,7 +50,7 @@ MATCHED = {  # defense -> overrides that match the paper's number of optimiser s
 
 
 def conf(group: str, option: str = "default") -> dict:
-    return yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    return yaml.safe_load((Path(CONF_DIR) / group / f"{option}.yaml").read_text())
 
 
 def size_overrides(size: str) -> list[str]:
