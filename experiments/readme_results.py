@@ -9,7 +9,8 @@ for every number, how many runs stand behind it and their spread (median [min–
 date, the machine, the package versions and the seeds, all read from the runs' ``metrics.json``. The same
 Markdown is written to ``--out`` and between the ``<!-- results:begin -->`` / ``<!-- results:end -->`` markers of
 ``--readme`` (``--marker NAME``: ``<!-- NAME:begin -->`` ...); ``tests/test_readme_results.py`` fails when the two
-differ. ``--recipe OUT`` takes the tree of ``experiments/nowin/ctrap_recipe.py --out OUT`` (its table).
+differ. ``--recipe OUT`` takes the tree of ``experiments/nowin/ctrap_recipe.py --out OUT`` (its table), ``--nowin
+OUT`` the tree of ``experiments/nowin/run.py --out OUT`` (the table run.py prints, over every defense and seed found).
 """
 
 from __future__ import annotations
@@ -165,6 +166,23 @@ def recipe_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
+def nowin_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
+    """The side-by-side table of ``experiments/nowin/run.py`` over its output tree (``--table-only``'s table)."""
+    from selfdestruct.report.nowin import build_table
+
+    if len(dirs) != 1:
+        raise SystemExit("error: --nowin takes one experiments/nowin/run.py output directory")
+    table, data = build_table(dirs[0])
+    if not data["defenses"]:
+        raise SystemExit(f"error: --nowin {dirs[0]}: no defend/, grid/ or benign/ runs found")
+    metrics = [_load(path.parent) for path in sorted(dirs[0].rglob("metrics.json"))]
+    seeds = sorted({m["seed"] for m in metrics if m.get("seed") is not None})
+    defenses = " ".join(row["defense"] for row in data["defenses"])
+    lines = [f"`python experiments/nowin/run.py` ({defenses}), seeds {', '.join(map(str, seeds))}:", "",
+             table.rstrip()]
+    return lines, metrics
+
+
 def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy."""
     from selfdestruct.report import acceptance, build_report, collect
@@ -283,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep=attack_search directories (one study per defense): the worst-case table")
     parser.add_argument("--recipe", nargs="*", type=Path, default=[],
                         help="the output directory of experiments/nowin/ctrap_recipe.py: its comparison table")
+    parser.add_argument("--nowin", nargs="*", type=Path, default=[],
+                        help="the output directory of experiments/nowin/run.py: its side-by-side table")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -297,14 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
                 (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds)),
                 (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table),
-                (args.recipe, recipe_table)]
+                (args.recipe, recipe_table), (args.nowin, nowin_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
             lines += table + [""]
             everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search and/or --recipe "
+        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe and/or --nowin "
                      "directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))

@@ -175,3 +175,32 @@ def test_wall_time_line_quotes_the_machines_load_during_the_demo(tmp_path):
     assert gen.wall_time_text(tmp_path) == (
         "Wall time of `python experiments/quickstart.py` from a fresh cache: 812 s (1-minute load average 0.12 at its "
         "start and 2.3 at its end, on 2 cores).")
+
+
+def test_nowin_table_shows_every_defense_and_seed_of_a_run_py_tree(tmp_path):
+    gen = _generator()
+    cells = [(2e-4, 100), (3e-4, 500), (5e-4, 1000)]
+    for defense, safe_cells in (("sft", 1), ("npo", 2)):
+        for seed in (0, 1):
+            pre = {"utility": 0.9, "harmful_score": 0.0}
+            for i, (lr, n) in enumerate(cells):  # the first `safe_cells` cells stay safe, the others comply
+                root = tmp_path / "grid" / f"{defense}_{seed}_{i}"
+                _write(root, seed, pre, {"harmful_score": 0.0 if i < safe_cells else 1.0, "utility": 0.88})
+                data = json.loads((root / "metrics.json").read_text())
+                data.update(defense=defense)
+                data["attack"].update(lr=lr, num_samples=n)
+                (root / "metrics.json").write_text(json.dumps(data))
+            benign = tmp_path / "benign" / f"{defense}_{seed}"
+            _write(benign, seed, pre, {"task_accuracy": 1.0, "utility": 0.9, "harmful_score": 0.0})
+            data = json.loads((benign / "metrics.json").read_text())
+            data.update(defense=defense)
+            data["attack"]["kind"] = "benign"
+            (benign / "metrics.json").write_text(json.dumps(data))
+    lines, metrics = gen.nowin_table([tmp_path])
+    text = "\n".join(lines)
+    assert text.startswith("`python experiments/nowin/run.py` (sft npo), seeds 0, 1:")
+    assert "| **no-win** (k/9 of the medians) | **1/3** | **2/3** |" in text
+    assert "| no-win per seed | 1, 1 | 2, 2 |" in text
+    assert "| 0.0002 × 100 | 0.00 / " in text and len(metrics) == 2 * 2 * 4
+    with pytest.raises(SystemExit, match="no defend/, grid/ or benign/ runs"):
+        gen.nowin_table([tmp_path / "empty"])
