@@ -126,12 +126,15 @@ def grid_table(roots: list[Path], caption: str = GRID_CAPTION) -> tuple[list[str
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
-def acceptance_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+ACCEPTANCE_CAPTION = "Held-out confirmation, seeds {seeds}"
+
+
+def acceptance_table(roots: list[Path], caption: str = ACCEPTANCE_CAPTION) -> tuple[list[str], list[dict]]:
     from selfdestruct.report import acceptance, build_report, collect
 
     report = build_report(roots, collect(roots))
     seeds = ", ".join(str(seed) for seed in report.seeds())
-    lines = [f"Held-out confirmation, seeds {seeds} (each seed separately; ratios to the SFT model of the same seed; "
+    lines = [caption.format(seeds=seeds) + " (each seed separately; ratios to the SFT model of the same seed; "
              "`python -m selfdestruct.report.acceptance`):", "", acceptance.markdown(acceptance.rows(report))]
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptance", nargs="*", type=Path, default=[],
                         help="directories of a held-out confirmation (SFT and the defenses, same seeds): the per-seed "
                              "table of selfdestruct.report.acceptance")
+    parser.add_argument("--acceptance-caption", default=ACCEPTANCE_CAPTION,
+                        help="the words above the --acceptance table ({seeds}: the seeds found)")
     parser.add_argument("--selection", nargs="*", type=Path, default=[],
                         help="one directory per setting tried on the selection seeds: the per-setting table of "
                              "selfdestruct.report.acceptance --per-setting (needs --selection-sft)")
@@ -316,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     everything: list[dict] = []
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
                 (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds)),
-                (args.acceptance, acceptance_table), (args.kernel_paths, kernel_table), (args.search, search_table),
+                (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
+                (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:

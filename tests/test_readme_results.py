@@ -23,7 +23,8 @@ def _generator():
     (REPO / "README.md", GENERATED, "results"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md", "results"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "ctrap_recipe.md", "ctrap_recipe"),
-], ids=["README", "nowin-README", "nowin-README-ctrap-recipe"])
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "baselines.md", "baselines"),
+], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
