@@ -155,17 +155,29 @@ def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None) 
     return lines, [{"environment": run.environment} for run in runs]
 
 
+def _one_tree(dirs: list[Path], usage: str) -> Path:
+    """The single output tree an option takes (``usage``: the error's words when given more or fewer)."""
+    if len(dirs) != 1:
+        raise SystemExit(f"error: {usage}")
+    return dirs[0]
+
+
+def _tree_metrics(root: Path) -> tuple[list[dict], str]:
+    """Every metrics.json under ``root`` and the seeds they name ("0, 1, 2")."""
+    metrics = [_load(path.parent) for path in sorted(root.rglob("metrics.json"))]
+    seeds = sorted({m["seed"] for m in metrics if m.get("seed") is not None})
+    return metrics, ", ".join(map(str, seeds))
+
+
 def recipe_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     """The published-vs-full CTRAP comparison of ``experiments/nowin/ctrap_recipe.py`` over its output tree."""
-    if len(dirs) != 1:
-        raise SystemExit("error: --recipe takes one ctrap_recipe.py output directory")
+    root = _one_tree(dirs, "--recipe takes one ctrap_recipe.py output directory")
     spec = importlib.util.spec_from_file_location("ctrap_recipe", Path(__file__).parent / "nowin" / "ctrap_recipe.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    table, _ = recipe.build_table(dirs[0], [recipe.label(d, None) for d in recipe.DEFENSES])
-    metrics = [_load(path.parent) for path in sorted(dirs[0].rglob("metrics.json"))]
-    seeds = sorted({m["seed"] for m in metrics if m.get("seed") is not None})
-    lines = [f"`python experiments/nowin/ctrap_recipe.py`, seeds {', '.join(map(str, seeds))}:", "", table.rstrip()]
+    table, _ = recipe.build_table(root, [recipe.label(d, None) for d in recipe.DEFENSES])
+    metrics, seeds = _tree_metrics(root)
+    lines = [f"`python experiments/nowin/ctrap_recipe.py`, seeds {seeds}:", "", table.rstrip()]
     return lines, metrics
 
 
@@ -173,16 +185,13 @@ def nowin_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     """The side-by-side table of ``experiments/nowin/run.py`` over its output tree (``--table-only``'s table)."""
     from selfdestruct.report.nowin import build_table
 
-    if len(dirs) != 1:
-        raise SystemExit("error: --nowin takes one experiments/nowin/run.py output directory")
-    table, data = build_table(dirs[0])
+    root = _one_tree(dirs, "--nowin takes one experiments/nowin/run.py output directory")
+    table, data = build_table(root)
     if not data["defenses"]:
-        raise SystemExit(f"error: --nowin {dirs[0]}: no defend/, grid/ or benign/ runs found")
-    metrics = [_load(path.parent) for path in sorted(dirs[0].rglob("metrics.json"))]
-    seeds = sorted({m["seed"] for m in metrics if m.get("seed") is not None})
+        raise SystemExit(f"error: --nowin {root}: no defend/, grid/ or benign/ runs found")
+    metrics, seeds = _tree_metrics(root)
     defenses = " ".join(row["defense"] for row in data["defenses"])
-    lines = [f"`python experiments/nowin/run.py` ({defenses}), seeds {', '.join(map(str, seeds))}:", "",
-             table.rstrip()]
+    lines = [f"`python experiments/nowin/run.py` ({defenses}), seeds {seeds}:", "", table.rstrip()]
     return lines, metrics
 
 
