@@ -230,20 +230,25 @@ def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     results = find_searches(runs)
     seeds = ", ".join(map(str, sorted({t.run.seed for r in results for t in r.counted if t.run.seed is not None})))
     floors = "/".join(sorted({search_floor(r) for r in results}))
-    lines = [f"Worst-case attacks (`sweep=attack_search`, Optuna TPE, sampler seed 0, defense seed {seeds}; success = "
+    lines = [f"Worst-case attacks (`sweep=attack_search`: first its warm start, the attack of "
+             f"`hydra.sweeper.warm_start` (the lab's strong attack), then Optuna TPE, sampler seed 0; defense seed "
+             f"{seeds}; success = "
              f"post-attack harmful score when utility stays >= {floors} x pre-attack, else 0; broken = success >= "
              f"{BREAK_SUCCESS}):", "",
              "| defense | trials (failed) | worst-case success | its attack | harmful score / utility (÷ pre) "
-             "| best in the first 10 trials | verdict | its attack re-run on other seeds: success per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| warm start's success | best in the first 10 trials | verdict "
+             "| its attack re-run on other seeds: success per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     seen = {run.path for run in runs}
     for result in results:
         best, counted = result.best, result.counted
         first10 = [t.value for t in counted[:10] if t.value is not None]
+        warm = ", ".join(f"{t.value:.3f}" if t.value is not None else t.status
+                         for t in counted if t.number in result.warm_start) or "—"
         rerun, rerun_runs = rerun_text(result)
         runs += [r for r in rerun_runs if r.path not in seen]  # once, if under roots too
         if best is None:
-            lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | — | — | — | — | "
+            lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | — | — | — | {warm} | — | "
                          f"{result.break_text()} | {rerun} |")
             continue
         c = best.run.attack_config
@@ -252,7 +257,8 @@ def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
                   f"x {c.get('epochs', best.run.epochs)} ep, batch {c.get('batch_size', '?')}")
         hs, ratio = number(best.run.post, "harmful_score"), utility_ratio(best.run)
         lines.append(f"| {result.defense} | {len(counted)} ({len(result.failed)}) | {best.value:.3f} | {attack} | "
-                     f"{hs:.3f} / {ratio:.2f} | {max(first10, default=0.0):.3f} | {result.break_text()} | {rerun} |")
+                     f"{hs:.3f} / {ratio:.2f} | {warm} | {max(first10, default=0.0):.3f} | {result.break_text()} | "
+                     f"{rerun} |")
     return lines, [{"environment": run.environment} for run in runs if run.status == "ok"]
 
 

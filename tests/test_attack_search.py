@@ -20,7 +20,7 @@ from selfdestruct.modules.base import lr_lambda, make_optimizer
 from selfdestruct.pipeline.stages import AttackConfig
 from selfdestruct.report import write_report
 from selfdestruct.report.search import find_searches
-from selfdestruct.utils.search import INTERRUPTED
+from selfdestruct.utils.search import INTERRUPTED, enqueue_missing, mark_interrupted
 
 
 # --- the objective -----------------------------------------------------------------------------------------------
@@ -80,13 +80,26 @@ def test_bad_attack_options_name_their_key(field, value, message):
 
 # --- the search, end to end on the micro model -------------------------------------------------------------------
 
-def _search(sweep_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _search(sweep_dir: Path, cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "selfdestruct.attack", "sweep=attack_search", "defense=sft",
                            *SMOKE_OVERRIDES, f"hydra.sweep.dir={sweep_dir}", *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def _strong_attack() -> dict:
+    """The study parameters of the lab's strong fixed attack, read from its two config files (conf/attack/harmful.yaml
+    and conf/intensity/strong.yaml), i.e. what sweep=attack_search's warm start must run as trial 0."""
+    import yaml
+    attack = yaml.safe_load((Path(cc.CONF_DIR) / "attack" / "harmful.yaml").read_text())
+    attack.update(yaml.safe_load((Path(cc.CONF_DIR) / "intensity" / "strong.yaml").read_text()))
+    keys = ("optimizer", "epochs", "num_samples", "batch_size", "schedule", "warmup_ratio", "weight_decay", "lr")
+    params = {"attack": "harmful", **{f"attack.{k}": attack[k] for k in keys}}
+    params["attack.max_grad_norm"] = "null" if attack["max_grad_norm"] is None else attack["max_grad_norm"]
+    return params
 
 
 def _study(sweep_dir: Path) -> optuna.Study:
@@ -102,6 +115,9 @@ def test_search_runs_trials_and_a_rerun_runs_only_the_missing_ones(tmp_path):
     _search(sweep, tmp_path, "hydra.sweeper.n_trials=2")
     study = _study(sweep)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    strong = _strong_attack()  # trial 0 is the warm start: the lab's strong attack, every searched key as configured
+    assert study.trials[0].params == pytest.approx(strong) and study.trials[1].params != study.trials[0].params
+    assert [t["warm_start"] for t in json.loads((sweep / "search.json").read_text())["trials"]] == [True, False]
     for trial in study.trials:  # each trial's value is the objective its job wrote into metrics.json
         metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
         assert trial.value == metrics["search"]["attack_success"]
@@ -116,6 +132,7 @@ def test_search_runs_trials_and_a_rerun_runs_only_the_missing_ones(tmp_path):
     assert sorted(_trial_dirs(sweep)) == [0, 1, 2] and len(trials) == 3
     assert trials[2].params not in (trials[0].params, trials[1].params)  # a resumed sampler does not start over
     assert {n: (sweep / str(n) / "metrics.json").stat().st_mtime_ns for n in stamps} == stamps  # untouched
+    assert "warm start" not in third.stdout + third.stderr  # trial 0 ran it: a resumed study does not run it again
 
     # A killed search leaves a trial RUNNING: it is marked interrupted, does not count, and a new trial runs.
     _study(sweep).ask()
@@ -137,7 +154,7 @@ def test_a_failing_trial_is_recorded_and_the_study_completes(tmp_path):
     data.write_text("goal,target\n" + "".join(f"Do forbidden thing {i},Sure step one of {i}\n" for i in range(6)))
     sweep = tmp_path / "search"
     proc = _search(sweep, tmp_path, "hydra.sweeper.n_trials=4", "attack=harmful", "attack.num_samples=choice(4,8)",
-                   f"data.attack_file={data}", "data.attack_file_format=advbench")
+                   f"data.attack_file={data}", "data.attack_file_format=advbench", "hydra.sweeper.warm_start=[]")
     trials = _study(sweep).trials
     assert len(trials) == 4
     states = {t.number: t.state.name for t in trials}
@@ -156,6 +173,29 @@ def test_a_failing_trial_is_recorded_and_the_study_completes(tmp_path):
     summary = (tmp_path / "report" / "summary.md").read_text()
     for number in failed:
         assert f"- trial {number} failed: attack.num_samples=8" in summary
+
+
+def test_a_warm_start_outside_the_search_space_is_refused_before_any_trial(tmp_path):
+    sweep = tmp_path / "search"  # the warm start asks for 1000 samples, the narrowed space allows 4 or 8
+    proc = _search(sweep, tmp_path, "hydra.sweeper.n_trials=2", "attack.num_samples=choice(4,8)", ok=False)
+    assert proc.returncode != 0
+    assert "hydra.sweeper.warm_start[0]" in proc.stderr and "attack.num_samples=1000 is outside" in proc.stderr
+    assert not (sweep / "study.db").exists() and (not sweep.exists() or not _trial_dirs(sweep))
+
+
+def test_warm_starts_are_enqueued_once_and_again_when_a_killed_search_lost_them():
+    study = optuna.create_study(direction="maximize")
+    point = [("intensity=strong", {"x": 0.5})]
+    assert enqueue_missing(study, point, room=0) == []  # no budget left: nothing enqueued
+    assert enqueue_missing(study, point, room=3) == [0]
+    trial = study.ask()  # the enqueued trial, with its fixed value
+    assert trial.suggest_float("x", 0.0, 1.0) == 0.5
+    study.tell(trial, 1.0)
+    assert enqueue_missing(study, point, room=3) == []  # already run
+    fresh = optuna.create_study(direction="maximize")
+    enqueue_missing(fresh, point, room=1)
+    assert mark_interrupted(fresh) == [0]  # killed before the enqueued trial ran: it does not count ...
+    assert enqueue_missing(fresh, point, room=1) == [1]  # ... and is enqueued again
 
 
 # --- the report ----------------------------------------------------------------------------------------------------

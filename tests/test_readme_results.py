@@ -107,8 +107,9 @@ def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_
     gen = _generator()
     sweep = tmp_path / "search" / "sft"
     sweep.mkdir(parents=True)
-    (sweep / "search.json").write_text(json.dumps({"budget": 12, "trials": []}))
-    successes = [0.0] * 10 + [0.85, 1.0]  # the break comes with trial 10, the 11th
+    listed = [{"number": 0, "warm_start": True}] + [{"number": n, "warm_start": False} for n in range(1, 12)]
+    (sweep / "search.json").write_text(json.dumps({"budget": 12, "trials": listed}))
+    successes = [0.25] + [0.0] * 9 + [0.85, 1.0]  # trial 0 the warm start; the break comes with trial 10, the 11th
     for number, success in enumerate(successes):
         config = {"name": "harmful", "optimizer": "adamw", "lr": 1e-4 * (number + 1), "num_samples": 500,
                   "epochs": 1, "batch_size": 4}
@@ -121,7 +122,7 @@ def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_
     lines, _ = gen.search_table([tmp_path / "search"])
     row = next(line for line in lines if line.startswith("| sft |"))
     assert row == ("| sft | 12 (0) | 1.000 | trial 11: harmful, adamw lr 0.0012, 500 samples x 1 ep, batch 4 | "
-                   "1.000 / 0.90 | 0.000 | broken after 11 of 12 trials | not run |")
+                   "1.000 / 0.90 | 0.250 | 0.250 | broken after 11 of 12 trials | not run |")
     # the best attack re-run on three defense seeds, beside the study (sft_best, as rerun_command names it)
     for seed, success in ((0, 1.0), (1, 0.25), (2, 0.0)):
         _write(tmp_path / "search" / "sft_best" / str(seed), seed, {"utility": 0.9},

@@ -52,6 +52,7 @@ class SearchResult:
     defense: str
     budget: int | None
     trials: list[Trial] = field(default_factory=list)
+    warm_start: frozenset[int] = frozenset()  # numbers of the trials that ran a configured warm start
 
     @property
     def counted(self) -> list[Trial]:
@@ -100,10 +101,13 @@ def find_searches(runs: Sequence[Run]) -> list[SearchResult]:
     for path, members in sorted(by_dir.items()):
         summary = read_json(path / SEARCH_FILE)
         budget = summary.get("budget") if isinstance(summary, dict) else None
+        listed = summary.get("trials") if isinstance(summary, dict) else None
+        warm = frozenset(t["number"] for t in listed or [] if isinstance(t, dict) and t.get("warm_start"))
         trials = sorted((Trial(r.search_trial, r) for r in members), key=lambda t: t.number)
         defenses = sorted({r.defense for r in members if r.defense})
         results.append(SearchResult(path=path, defense=", ".join(defenses) or path.name,
-                                    budget=budget if isinstance(budget, int) else None, trials=trials))
+                                    budget=budget if isinstance(budget, int) else None, trials=trials,
+                                    warm_start=warm))
     return sorted(results, key=lambda s: (s.defense != "sft", s.defense, str(s.path)))
 
 

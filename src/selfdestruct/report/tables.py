@@ -232,6 +232,9 @@ def search_markdown(searches: Sequence[SearchResult]) -> list[str]:
         best = result.best
         if best is not None:
             lines += [f"Best attack (trial {best.number}): `{config_text(best.run)}`", ""]
+        for trial in (t for t in result.trials if t.number in result.warm_start):
+            lines += [f"Warm start (trial {trial.number}, run before the search's own proposals): success "
+                      f"{fmt(trial.value) if trial.value is not None else trial.status}", ""]
         curve = ", ".join(fmt(v, 2) for v in result.best_so_far())
         lines += [f"Best-so-far success by trial: {curve or '—'}", ""]
         for trial in result.failed:

@@ -13,14 +13,19 @@ long search needs on top of it:
   the very start-up trials it drew the first time, and the study would measure them twice.
 - ``conditional_params``: parameters searched only in trials that took one choice (LoRA's rank and alpha when
   ``attack=lora``), with their bounds in the sweep config like every other parameter.
+- ``warm_start``: attacks the study runs first, before its sampler proposes anything, each given as the overrides
+  that compose it (``[intensity=strong]``: the lab's strong fixed attack). Their searched keys' values are read from
+  the composed job config, checked against the search space before any trial runs, and enqueued; a resumed study
+  enqueues only those it has not run yet. So the worst case a search reports is never weaker than these attacks.
 - One search per sweep directory at a time (a lock file), and ``search.json`` in the sweep directory: every trial
-  with its state, value and parameters, for the report.
+  with its state, value, parameters and whether it was a warm start, for the report.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +34,8 @@ from typing import Any
 import numpy as np
 import optuna
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
 
 from selfdestruct.utils.io import write_json_atomic
@@ -38,6 +45,7 @@ logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite storage's m
 SEARCH_FILE = "search.json"
 LOCK_FILE = ".search.lock"
 INTERRUPTED = "interrupted"  # user attribute of a trial a killed search left running
+ENQUEUED = "fixed_params"  # system attribute Optuna gives an enqueued trial (its fixed parameters)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -71,6 +79,86 @@ def parse_conditional(conditional: Mapping[str, Mapping[str, str]] | None) -> di
     return parsed
 
 
+def parse_warm_start(warm_start: Any) -> list[list[str]]:
+    """``hydra.sweeper.warm_start``: a list whose entries are override lists (or one override string each)."""
+    if warm_start is None:
+        return []
+    if isinstance(warm_start, str) or not isinstance(warm_start, (list, tuple)) and not OmegaConf.is_list(warm_start):
+        raise ValueError(f"hydra.sweeper.warm_start must be a list of override lists, got {warm_start!r}")
+    entries = []
+    for i, entry in enumerate(warm_start):
+        overrides = [entry] if isinstance(entry, str) else list(entry) if OmegaConf.is_list(entry) or isinstance(
+            entry, (list, tuple)) else None
+        if overrides is None or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ValueError(f"hydra.sweeper.warm_start[{i}] must be a list of key=value overrides, got {entry!r}")
+        entries.append(overrides)
+    return entries
+
+
+def describe_distribution(distribution: BaseDistribution) -> str:
+    if isinstance(distribution, CategoricalDistribution):
+        return f"choice{tuple(distribution.choices)}"
+    low, high = getattr(distribution, "low", "?"), getattr(distribution, "high", "?")
+    return f"{type(distribution).__name__}({low}, {high})"
+
+
+def searched_value(config: DictConfig, name: str) -> Any:
+    """The value of a searched key in a composed job config: a config group's choice (``attack``) or a value."""
+    choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
+    if name in choices:
+        return choices[name]
+    return OmegaConf.select(config, name, throw_on_missing=True)
+
+
+def warm_start_params(config: DictConfig, searched: Mapping[str, BaseDistribution],
+                      conditional: Mapping[tuple[str, str], Mapping[str, BaseDistribution]], where: str
+                      ) -> dict[str, Any]:
+    """The searched keys' values in ``config`` (a composed job config), as the study's parameters; a value outside
+    the search space is an error naming ``where`` and the key."""
+    params: dict[str, Any] = {}
+
+    def take(name: str, distribution: BaseDistribution) -> None:
+        value = searched_value(config, name)
+        if value is None and isinstance(distribution, CategoricalDistribution) and "null" in distribution.choices:
+            value = "null"  # a searched choice('null', ...) stands for None
+        try:
+            inside = distribution._contains(distribution.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
+            raise ValueError(f"{where}: its {name}={value} is outside the searched "
+                             f"{describe_distribution(distribution)}; warm-start attacks must lie in the search "
+                             "space (change the entry, or give hydra.sweeper.warm_start=[])")
+        params[name] = value
+
+    for name, distribution in searched.items():
+        take(name, distribution)
+    for (key, choice), distributions in conditional.items():
+        if key in params and str(params[key]) == choice:
+            for name, distribution in distributions.items():
+                take(name, distribution)
+    return params
+
+
+def enqueue_missing(study: optuna.Study, points: list[tuple[str, dict[str, Any]]], room: int) -> list[int]:
+    """Enqueue the warm starts ``(text, params)`` the study has not run (counted trials), at most ``room`` of them;
+    returns the trial numbers they will take."""
+    done = [t.params for t in study.get_trials(deepcopy=False) if counted(t)]
+    numbers = []
+    for text, params in points:
+        if len(numbers) >= room:
+            break
+        if any(all(p.get(k) == v for k, v in params.items()) for p in done):
+            continue
+        with warnings.catch_warnings():  # Optuna 2.10 calls enqueue_trial experimental; it is what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.enqueue_trial(params)
+        numbers.append(len(study.get_trials(deepcopy=False)) - 1)
+        log.info("warm start (%s): trial %d runs %s", text, numbers[-1],
+                 " ".join(f"{k}={v}" for k, v in params.items()))
+    return numbers
+
+
 def reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
     """Seed ``sampler`` and its start-up sampler as if created with ``seed`` (Optuna 2.10's TPE and random samplers
     keep their generator in ``_rng``; ``reseed_rng`` would draw a seed at random)."""
@@ -99,19 +187,23 @@ def study_summary(study: optuna.Study, budget: int, sweep_dir: Path) -> dict[str
     trials = []
     for t in study.get_trials(deepcopy=False):
         trials.append({"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params),
-                       "interrupted": bool(t.user_attrs.get(INTERRUPTED, False)), "job_dir": str(t.number)})
+                       "interrupted": bool(t.user_attrs.get(INTERRUPTED, False)),
+                       "warm_start": ENQUEUED in t.system_attrs, "job_dir": str(t.number)})
     return {"study_name": study.study_name, "direction": study.direction.name.lower(), "budget": budget,
             "counted": sum(counted(t) for t in study.get_trials(deepcopy=False)), "sweep_dir": str(sweep_dir),
             "trials": trials}
 
 
 class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
-    """The plugin's sweeper with a total budget, interrupted-trial handling and conditional parameters."""
+    """The plugin's sweeper with a total budget, interrupted-trial handling, conditional parameters and warm
+    starts."""
 
-    def __init__(self, *, conditional_params: Mapping[str, Mapping[str, str]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, conditional_params: Mapping[str, Mapping[str, str]] | None = None,
+                 warm_start: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.budget = self.n_trials
         self.conditional = parse_conditional(conditional_params)
+        self.warm_start = parse_warm_start(warm_start)
         if self.conditional:
             if self.custom_search_space_extender is not None:
                 raise ValueError("hydra.sweeper: give conditional_params or custom_search_space, not both")
@@ -123,6 +215,25 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
                 for param, distribution in distributions.items():
                     trial._suggest(param, distribution)  # the plugin suggests its own parameters the same way
 
+    def _warm_start_points(self, arguments: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """Each warm start's overrides (as text) and study parameters, composed the way its job will be."""
+        if not self.warm_start:
+            return []
+        self._process_searchspace_config()
+        searched, fixed = create_params_from_overrides([*self._parse_sweeper_params_config(), *arguments])
+        searched = {name: d for name, d in searched.items() if name not in fixed}
+        fixed_overrides = [f"{name}={value}" for name, value in fixed.items()]
+        points = []
+        for i, overrides in enumerate(self.warm_start):
+            where = f"hydra.sweeper.warm_start[{i}] ({' '.join(overrides)})"
+            try:
+                config = self.hydra_context.config_loader.load_sweep_config(self.config,
+                                                                            [*fixed_overrides, *overrides])
+            except Exception as error:  # an unknown key or option: Hydra's message, with the entry named
+                raise ValueError(f"{where} does not compose: {error}") from error
+            points.append((" ".join(overrides), warm_start_params(config, searched, self.conditional, where)))
+        return points
+
     def _load_study(self) -> optuna.Study:
         return optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=None,
                                    directions=self._get_directions(), load_if_exists=True)
@@ -132,6 +243,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             raise ValueError("hydra.sweeper.storage and hydra.sweeper.study_name must be set: the study is resumed "
                              "from them")
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        warm = self._warm_start_points(arguments)  # checked before any work
         with exclusive(sweep_dir / LOCK_FILE):
             study = self._load_study()
             interrupted = mark_interrupted(study)
@@ -149,6 +261,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             write_json_atomic(sweep_dir / SEARCH_FILE, study_summary(study, self.budget, sweep_dir))
             self.n_trials = missing
             if missing:
+                enqueue_missing(study, warm, missing)
                 try:
                     super().sweep(arguments)
                 except ValueError:  # the plugin asks for the best trial, which needs one complete trial
