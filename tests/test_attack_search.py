@@ -224,8 +224,8 @@ def _failed_trial(sweep: Path, number: int, error: str | None) -> None:
 def test_report_shows_best_attack_best_so_far_and_break_budget(tmp_path):
     sweep = tmp_path / "attack_search" / "sft"
     sweep.mkdir(parents=True)
-    (sweep / "search.json").write_text(json.dumps({"budget": 6, "trials": []}))
-    _trial(sweep, 0, 0.0, 0.9, 0.0)
+    (sweep / "search.json").write_text(json.dumps({"budget": 6, "trials": [{"number": 0, "warm_start": True}]}))
+    _trial(sweep, 0, 0.0, 0.9, 0.0)    # the warm start
     _trial(sweep, 1, 0.3, 0.85, 0.3)
     _trial(sweep, 2, 0.9, 0.5, 0.0)    # harmful but collapsed: success 0
     _failed_trial(sweep, 3, "attack.num_samples=8 but the pool holds 6")
@@ -244,6 +244,8 @@ def test_report_shows_best_attack_best_so_far_and_break_budget(tmp_path):
     assert "Best attack (trial 6): `lr=0.007 name=harmful num_samples=100 optimizer=adam`" in summary
     assert "Best-so-far success by trial: 0.00, 0.30, 0.30, 0.30, 0.60, 0.95" in summary
     assert "- trial 3 failed: attack.num_samples=8 but the pool holds 6" in summary
+    assert "Warm start (trial 0, run before the search's own proposals): success 0.000" in summary
+    assert result.warm_start == {0} and "Warm start (trial 0" in (tmp_path / "out" / "dashboard.html").read_text()
     assert "model_path=defend defense=sft attack.lr=0.007 seed=0,1,2" in summary
     html = (tmp_path / "out" / "dashboard.html").read_text()
     assert 'id="search-table"' in html and "broken after 5 of 6 trials" in html and "<polyline" in html

@@ -16,7 +16,7 @@ from html import escape
 from selfdestruct.report.collect import Run, number
 from selfdestruct.report.search import BREAK_SUCCESS, SearchResult, config_text, rerun_command
 from selfdestruct.report.tables import (BENIGN_HEATMAPS, HARMFUL_HEATMAPS, SEARCH_HEADER, fmt, fmt_lr, no_win_text,
-                                        search_floor, search_row)
+                                        search_floor, search_row, warm_start_texts)
 from selfdestruct.report.verdict import HARMFUL_KINDS, HS_MARGIN, GridCell, Report
 
 # Hue of each metric's colour scale (light = low, dark = high).
@@ -311,6 +311,7 @@ def _search_section(report: Report) -> str:
                      f"{_best_so_far_svg(result)}<p>best so far by trial: {escape(curve)}</p>")
         if best is not None:
             parts.append(f"<p>best attack (trial {best.number}): <code>{escape(config_text(best.run))}</code></p>")
+        parts += [f"<p>{escape(text)}</p>" for text in warm_start_texts(result)]
         command = rerun_command(result)
         if command:
             parts.append(f"<p>re-run on 3 seeds: <code>{escape(command)}</code></p>")

@@ -216,6 +216,12 @@ SEARCH_HEADER = ["defense", "trials", "failed", "best success", "break budget", 
                  "best: perplexity", "best trial"]
 
 
+def warm_start_texts(result: SearchResult) -> list[str]:
+    """One line per trial that ran a configured warm start (``hydra.sweeper.warm_start``), with its success."""
+    return [f"Warm start (trial {t.number}, run before the search's own proposals): success "
+            f"{fmt(t.value) if t.value is not None else t.status}" for t in result.trials if t.number in result.warm_start]
+
+
 def search_markdown(searches: Sequence[SearchResult]) -> list[str]:
     """The worst-case attack of each defense (sweep=attack_search), with the best-so-far success by trial."""
     if not searches:
@@ -232,9 +238,8 @@ def search_markdown(searches: Sequence[SearchResult]) -> list[str]:
         best = result.best
         if best is not None:
             lines += [f"Best attack (trial {best.number}): `{config_text(best.run)}`", ""]
-        for trial in (t for t in result.trials if t.number in result.warm_start):
-            lines += [f"Warm start (trial {trial.number}, run before the search's own proposals): success "
-                      f"{fmt(trial.value) if trial.value is not None else trial.status}", ""]
+        for text in warm_start_texts(result):
+            lines += [text, ""]
         curve = ", ".join(fmt(v, 2) for v in result.best_so_far())
         lines += [f"Best-so-far success by trial: {curve or '—'}", ""]
         for trial in result.failed:
