@@ -221,7 +221,8 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             return []
         self._process_searchspace_config()
         searched, fixed = create_params_from_overrides([*self._parse_sweeper_params_config(), *arguments])
-        searched = {name: d for name, d in searched.items() if name not in fixed}
+        searched = {name: d for name, d in {**(self.search_space_distributions or {}), **searched}.items()
+                    if name not in fixed}  # as the plugin builds its space (the deprecated search_space too)
         fixed_overrides = [f"{name}={value}" for name, value in fixed.items()]
         points = []
         for i, overrides in enumerate(self.warm_start):
