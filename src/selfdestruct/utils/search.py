@@ -79,20 +79,30 @@ def parse_conditional(conditional: Mapping[str, Mapping[str, str]] | None) -> di
     return parsed
 
 
+def _as_list(value: Any) -> list | None:
+    """``value`` as a Python list when it is a list (YAML or Python), else None."""
+    return list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else None
+
+
 def parse_warm_start(warm_start: Any) -> list[list[str]]:
     """``hydra.sweeper.warm_start``: a list whose entries are override lists (or one override string each)."""
     if warm_start is None:
         return []
-    if isinstance(warm_start, str) or not isinstance(warm_start, (list, tuple)) and not OmegaConf.is_list(warm_start):
+    entries = _as_list(warm_start)
+    if entries is None:
         raise ValueError(f"hydra.sweeper.warm_start must be a list of override lists, got {warm_start!r}")
-    entries = []
-    for i, entry in enumerate(warm_start):
-        overrides = [entry] if isinstance(entry, str) else list(entry) if OmegaConf.is_list(entry) or isinstance(
-            entry, (list, tuple)) else None
+    parsed = []
+    for i, entry in enumerate(entries):
+        overrides = [entry] if isinstance(entry, str) else _as_list(entry)
         if overrides is None or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise ValueError(f"hydra.sweeper.warm_start[{i}] must be a list of key=value overrides, got {entry!r}")
-        entries.append(overrides)
-    return entries
+        parsed.append(overrides)
+    return parsed
+
+
+def condition_met(params: Mapping[str, Any], key: str, choice: str) -> bool:
+    """Whether the parameters chosen so far meet a conditional parameter's condition ``key=choice``."""
+    return key in params and str(params[key]) == choice
 
 
 def describe_distribution(distribution: BaseDistribution) -> str:
@@ -134,7 +144,7 @@ def warm_start_params(config: DictConfig, searched: Mapping[str, BaseDistributio
     for name, distribution in searched.items():
         take(name, distribution)
     for (key, choice), distributions in conditional.items():
-        if key in params and str(params[key]) == choice:
+        if condition_met(params, key, choice):
             for name, distribution in distributions.items():
                 take(name, distribution)
     return params
@@ -211,7 +221,7 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _suggest_conditional(self, config: Any, trial: optuna.trial.Trial) -> None:
         for (name, value), distributions in self.conditional.items():
-            if name in trial.params and str(trial.params[name]) == value:
+            if condition_met(trial.params, name, value):
                 for param, distribution in distributions.items():
                     trial._suggest(param, distribution)  # the plugin suggests its own parameters the same way
 
