@@ -10,8 +10,10 @@ The full demo runs the project's own entry points exactly as a user would, as on
    samples on that defended model;
 3. a benign fine-tune of the defended model;
 
-``--jobs`` chains run at once (one torch thread each: two by default), the costliest defense's first, so that the
-cheap defenses' attacks run while the expensive one trains; each chain writes ``OUT/{defend,grid,benign}/D``.
+``--jobs`` commands run at once (one torch thread each: two by default). A defense's grid and benign fine-tune both
+need only its defended model, so they may run side by side once it exists; among the commands ready to run, the
+first defense's go first (the costliest, so that the cheap defenses are defended and attacked while it trains, and
+its own grid and fine-tune share the cores at the end). Each defense writes ``OUT/{defend,grid,benign}/D``.
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
 
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
@@ -25,11 +27,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked.
+# The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked, then its grid
+# and its benign fine-tune run side by side.
 DEFAULT_DEFENSES = ("ctrap_tuned", "seam_tuned", "sft")
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
@@ -75,19 +78,50 @@ def chain(out: Path, defense: str, common: list[str]) -> list[list[str]]:
     ]
 
 
-def run_chain(commands: list[list[str]], env: dict | None) -> int:
-    """Run ``commands`` one after another; stop at the first that fails (the next ones need its output)."""
-    for args in commands:
-        if run(args, check=False, env=env):
-            return 1
-    return 0
+def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
+    """Run every chain's first command, then its others (which need only the first's output), on ``jobs`` workers.
+
+    Among the ready commands, the earliest chain's go first. A failed first command skips the rest of its chain;
+    every other command runs whatever the others do. Returns 1 per chain where a command failed, else 0."""
+    ready = [(i, 0) for i in range(len(chains))]
+    failed, running = [0] * len(chains), 0
+    cond = threading.Condition()
+
+    def worker() -> None:
+        nonlocal running
+        while True:
+            with cond:
+                while not ready and running:
+                    cond.wait()
+                if not ready:
+                    return
+                i, k = min(ready)
+                ready.remove((i, k))
+                running += 1
+            status = 1  # a runner that raises counts as failed (the thread prints its traceback)
+            try:
+                status = runner(chains[i][k])
+            finally:
+                with cond:
+                    running -= 1
+                    if status:
+                        failed[i] = 1
+                    elif k == 0:
+                        ready.extend((i, j) for j in range(1, len(chains[i])))
+                    cond.notify_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(max(jobs, 1))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return failed
 
 
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
-    # One torch thread per job, so that ``jobs`` chains share the cores without oversubscribing them.
+    # One torch thread per command, so that ``jobs`` commands share the cores without oversubscribing them.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if jobs > 1 else None
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        failed = list(pool.map(lambda d: run_chain(chain(out, d, common), env), defenses))
+    failed = run_plan([chain(out, d, common) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())
@@ -113,7 +147,7 @@ def main() -> int:
     parser.add_argument("--defenses", default=",".join(DEFAULT_DEFENSES),
                         help="comma-separated defense options (conf/defense/*.yaml) for the full demo")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="full demo: defense chains run at once (one torch thread each; 1 = one after another)")
+                        help="full demo: commands run at once (one torch thread each; 1 = one after another)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     out = args.out.resolve()

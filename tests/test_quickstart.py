@@ -1,5 +1,6 @@
-"""The full demo's plan (experiments/quickstart.py): one chain per defense, chains run concurrently, a failed chain
-stops only itself. Commands are recorded instead of run, so nothing trains here."""
+"""The full demo's plan (experiments/quickstart.py): one chain per defense, chains run concurrently, a defense's
+grid and benign fine-tune run side by side once it is defended, a failed command stops only what needs its output.
+Commands are recorded instead of run, so nothing trains here."""
 
 from __future__ import annotations
 
@@ -62,3 +63,34 @@ def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, mo
     per_defense = {d: [e for dd, e in calls if dd == d] for d in ("ctrap_tuned", "seam_tuned", "sft")}
     full_chain = ["selfdestruct.defend", "selfdestruct.attack grid", "selfdestruct.attack benign"]
     assert per_defense == {"ctrap_tuned": full_chain, "seam_tuned": ["selfdestruct.defend"], "sft": full_chain}
+
+
+def test_a_defended_models_grid_and_benign_fine_tune_share_the_workers_and_the_first_chain_goes_first():
+    qs = _quickstart()
+    chains = [[["a", "defend"], ["a", "grid"], ["a", "benign"]], [["b", "defend"], ["b", "grid"], ["b", "benign"]]]
+    started: list[str] = []
+    lock, b_done = threading.Lock(), threading.Event()
+    together = threading.Barrier(2, timeout=10)
+
+    def runner(args):
+        with lock:
+            started.append(" ".join(args))
+        if args == ["a", "defend"]:
+            assert b_done.wait(timeout=10)  # the slow defense: chain b runs whole on the other worker meanwhile
+        if args[0] == "a" and args[1] != "defend":
+            together.wait()  # a's grid and benign fine-tune run at the same time, or this times out
+        if args == ["b", "benign"]:
+            b_done.set()
+        return 1 if args == ["a", "grid"] else 0
+
+    assert qs.run_plan(chains, 2, runner) == [1, 0]  # a's grid failed; its benign fine-tune ran all the same
+    assert started[:2] == ["a defend", "b defend"] and started[2:4] == ["b grid", "b benign"]
+    assert sorted(started[4:]) == ["a benign", "a grid"]
+
+
+def test_one_job_runs_the_chains_one_after_another_in_order():
+    qs = _quickstart()
+    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
+    started: list[str] = []
+    assert qs.run_plan(chains, 1, lambda args: started.append(" ".join(args)) or 0) == [0, 0]
+    assert started == ["a defend", "a grid", "b defend", "b grid"]
