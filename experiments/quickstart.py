@@ -37,9 +37,17 @@ DEFAULT_DEFENSES = ("ctrap_tuned", "seam_tuned", "sft")
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
 
+# Each command's start (perf_counter) and duration, for quickstart.json: where the demo's wall time goes.
+TIMELINE: list[dict] = []
+
+
 def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
     print("+ python " + " ".join(args), flush=True)
-    return subprocess.run([sys.executable, *args], check=check, env=env).returncode
+    start = time.perf_counter()
+    code = subprocess.run([sys.executable, *args], check=check, env=env).returncode
+    TIMELINE.append({"command": "python " + " ".join(args), "start": start,
+                     "seconds": round(time.perf_counter() - start, 1), "status": code})
+    return code
 
 
 def before_after_table(rows: list[tuple[str, dict]]) -> str:
@@ -160,12 +168,16 @@ def main() -> int:
         status = full(out, args.defenses.split(","), common, args.jobs)
         print(f"dashboard: {out / 'report' / 'dashboard.html'}")
     seconds = time.perf_counter() - start
-    print(f"quickstart wall time: {seconds:.0f} s; outputs in {out}")
+    busy = sum(c["seconds"] for c in TIMELINE)
+    print(f"quickstart wall time: {seconds:.0f} s ({busy:.0f} s of commands in all); "
+          f"outputs in {out}")
     command = "python experiments/quickstart.py" + (" --basic" if args.basic else "")
+    timeline = [{**c, "start": round(c["start"] - start, 1)} for c in sorted(TIMELINE, key=lambda c: c["start"])]
     (out / "quickstart.json").write_text(json.dumps({
         "command": command, "wall_time_s": round(seconds, 1), "seed": args.seed, "jobs": args.jobs, "status": status,
         "cpus": os.cpu_count(), "load_average_start": load, "load_average_end": load_average(),
-    }))
+        "command_seconds_total": round(busy, 1), "commands": timeline,
+    }, indent=1))
     return status
 
 

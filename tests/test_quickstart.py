@@ -94,3 +94,12 @@ def test_one_job_runs_the_chains_one_after_another_in_order():
     started: list[str] = []
     assert qs.run_plan(chains, 1, lambda args: started.append(" ".join(args)) or 0) == [0, 0]
     assert started == ["a defend", "a grid", "b defend", "b grid"]
+
+
+def test_each_command_is_timed_for_the_demos_timeline():
+    qs = _quickstart()
+    assert qs.run(["-c", "import time; time.sleep(0.2)"]) == 0
+    assert qs.run(["-c", "raise SystemExit(3)"], check=False) == 3
+    first, second = qs.TIMELINE
+    assert first["command"].endswith("time.sleep(0.2)") and first["seconds"] >= 0.2 and first["status"] == 0
+    assert second["status"] == 3 and second["start"] >= first["start"] + first["seconds"] - 0.05
