@@ -290,10 +290,10 @@ def wall_time_text(path: Path) -> str:
         if data.get("load_average_start") is not None and data.get("load_average_end") is not None:
             load = (f" (1-minute load average {data['load_average_start']:g} at its start and "
                     f"{data['load_average_end']:g} at its end, on {data['cpus']} cores)")
-        if data.get("commands"):  # the timeline quickstart.py records: where the wall time goes
-            longest = max(data["commands"], key=lambda c: c["seconds"])
-            load += (f"; its {len(data['commands'])} commands ran {data['command_seconds_total']:.0f} s in all, "
-                     f"{data['jobs']} at once, the longest `{longest['command']}` {longest['seconds']:.0f} s")
+        if data.get("command_cpu_s_total"):  # the timeline quickstart.py records: where the wall time goes
+            longest = max(data["commands"], key=lambda c: c["cpu_s"])
+            load += (f"; its {len(data['commands'])} commands used {data['command_cpu_s_total']:.0f} CPU-seconds, "
+                     f"{data['jobs']} at once, the longest `{longest['command']}` {longest['cpu_s']:.0f}")
     else:
         found = re.findall(r"quickstart wall time: (\d+) s", path.read_text())
         if not found:

@@ -5,9 +5,13 @@ Commands are recorded instead of run, so nothing trains here."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +102,15 @@ def test_one_job_runs_the_chains_one_after_another_in_order():
 
 def test_each_command_is_timed_for_the_demos_timeline():
     qs = _quickstart()
-    assert qs.run(["-c", "import time; time.sleep(0.2)"]) == 0
+    assert qs.run(["-c", "import time; time.sleep(0.5)"]) == 0
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    assert qs.run(["-c", busy]) == 0
     assert qs.run(["-c", "raise SystemExit(3)"], check=False) == 3
-    first, second = qs.TIMELINE
-    assert first["command"].endswith("time.sleep(0.2)") and first["seconds"] >= 0.2 and first["status"] == 0
-    assert second["status"] == 3 and second["start"] >= first["start"] + first["seconds"] - 0.05
+    with pytest.raises(subprocess.CalledProcessError):
+        qs.run(["-c", "raise SystemExit(4)"])
+    sleeping, spinning, failed, raised = qs.TIMELINE
+    assert sleeping["command"].endswith("time.sleep(0.5)") and sleeping["seconds"] >= 0.5 and sleeping["status"] == 0
+    assert failed["status"] == 3 and raised["status"] == 4
+    assert failed["start"] >= spinning["start"] + spinning["seconds"] - 0.05
+    if hasattr(os, "wait4"):  # CPU time: sleeping uses little of it, spinning at least its 0.5 s
+        assert sleeping["cpu_s"] < sleeping["seconds"] - 0.3 and spinning["cpu_s"] >= 0.5
