@@ -292,8 +292,9 @@ def wall_time_text(path: Path) -> str:
                     f"{data['load_average_end']:g} at its end, on {data['cpus']} cores)")
         if data.get("command_cpu_s_total"):  # the timeline quickstart.py records: where the wall time goes
             longest = max(data["commands"], key=lambda c: c["cpu_s"])
+            name = " ".join(w for w in longest["command"].split() if not w.startswith("hydra."))  # no machine paths
             load += (f"; its {len(data['commands'])} commands used {data['command_cpu_s_total']:.0f} CPU-seconds, "
-                     f"{data['jobs']} at once, the longest `{longest['command']}` {longest['cpu_s']:.0f}")
+                     f"{data['jobs']} at once, the longest, `{name}`, {longest['cpu_s']:.0f} of them")
     else:
         found = re.findall(r"quickstart wall time: (\d+) s", path.read_text())
         if not found:

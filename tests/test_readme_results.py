@@ -181,7 +181,8 @@ def test_wall_time_line_quotes_the_machines_load_during_the_demo(tmp_path):
 
 def test_wall_time_line_names_the_commands_cpu_time_and_the_longest_one(tmp_path):
     gen = _generator()
-    commands = [{"command": "python -m selfdestruct.defend defense=ctrap_tuned", "start": 0.0, "seconds": 650.2,
+    commands = [{"command": "python -m selfdestruct.defend defense=ctrap_tuned hydra.run.dir=/home/me/qs/defend",
+                 "start": 0.0, "seconds": 650.2,
                  "cpu_s": 600.2, "status": 0},
                 {"command": "python -m selfdestruct.defend defense=sft", "start": 1.0, "seconds": 420.4,
                  "cpu_s": 120.4, "status": 0}]
@@ -190,8 +191,8 @@ def test_wall_time_line_names_the_commands_cpu_time_and_the_longest_one(tmp_path
         "cpus": 2, "load_average_start": 0.1, "load_average_end": 1.9, "command_cpu_s_total": 720.6,
         "commands": commands}))
     assert gen.wall_time_text(tmp_path).endswith(
-        "on 2 cores); its 2 commands used 721 CPU-seconds, 2 at once, the longest "
-        "`python -m selfdestruct.defend defense=ctrap_tuned` 600.")
+        "on 2 cores); its 2 commands used 721 CPU-seconds, 2 at once, the longest, "
+        "`python -m selfdestruct.defend defense=ctrap_tuned`, 600 of them.")
 
 
 def test_nowin_table_shows_every_defense_and_seed_of_a_run_py_tree(tmp_path):
