@@ -100,7 +100,7 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
     every other command runs whatever the others do. Returns 1 per chain where a command failed, else 0."""
     ready = [(i, 0) for i in range(len(chains))]
     failed, running = [0] * len(chains), 0
-    cond = threading.Condition()
+    cond, interrupted = threading.Condition(), threading.Event()
 
     def worker() -> None:
         nonlocal running
@@ -121,15 +121,21 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
                     running -= 1
                     if status:
                         failed[i] = 1
-                    elif k == 0:
+                    elif k == 0 and not interrupted.is_set():
                         ready.extend((i, j) for j in range(1, len(chains[i])))
                     cond.notify_all()
 
     workers = [threading.Thread(target=worker) for _ in range(max(jobs, 1))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:  # Ctrl-C: the running commands get it too; start no new one
+        with cond:
+            interrupted.set()
+            ready.clear()
+        raise
     return failed
 
 

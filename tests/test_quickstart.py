@@ -4,11 +4,13 @@ Commands are recorded instead of run, so nothing trains here."""
 
 from __future__ import annotations
 
+import _thread
 import importlib.util
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,21 @@ def test_each_command_is_timed_for_the_demos_timeline():
     assert failed["start"] >= spinning["start"] + spinning["seconds"] - 0.05
     if hasattr(os, "wait4"):  # CPU time: sleeping uses little of it, spinning at least its 0.5 s
         assert sleeping["cpu_s"] < sleeping["seconds"] - 0.3 and spinning["cpu_s"] >= 0.5
+
+
+def test_ctrl_c_starts_no_new_command():
+    qs = _quickstart()
+    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
+    started: list[str] = []
+
+    def runner(args):
+        started.append(" ".join(args))
+        if args == ["a", "defend"]:
+            _thread.interrupt_main()  # as Ctrl-C would: the main thread, waiting on the workers, gets it
+            time.sleep(0.5)  # and this command, still running, then ends successfully
+        return 0
+
+    with pytest.raises(KeyboardInterrupt):
+        qs.run_plan(chains, 1, runner)
+    time.sleep(1.0)  # the worker finishes "a defend" and would take the next ready command now
+    assert started == ["a defend"]
