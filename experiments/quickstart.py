@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 # The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked, then its grid
@@ -113,9 +114,11 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
                 i, k = min(ready)
                 ready.remove((i, k))
                 running += 1
-            status = 1  # a runner that raises counts as failed (the thread prints its traceback)
+            status = 1
             try:
                 status = runner(chains[i][k])
+            except Exception:  # counts as failed; the worker goes on with the other commands
+                traceback.print_exc()
             finally:
                 with cond:
                     running -= 1

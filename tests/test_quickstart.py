@@ -134,3 +134,18 @@ def test_ctrl_c_starts_no_new_command():
         qs.run_plan(chains, 1, runner)
     time.sleep(1.0)  # the worker finishes "a defend" and would take the next ready command now
     assert started == ["a defend"]
+
+
+def test_a_command_that_raises_counts_as_failed_and_the_worker_goes_on():
+    qs = _quickstart()
+    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
+    started: list[str] = []
+
+    def runner(args):
+        started.append(" ".join(args))
+        if args == ["a", "defend"]:
+            raise OSError("python not found")
+        return 0
+
+    assert qs.run_plan(chains, 1, runner) == [1, 0]
+    assert started == ["a defend", "b defend", "b grid"]
