@@ -94,11 +94,20 @@ def test_a_defended_models_grid_and_benign_fine_tune_share_the_workers_and_the_f
     assert sorted(started[4:]) == ["a benign", "a grid"]
 
 
+TWO_CHAINS = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
+
+
+def _recorder(started: list[str], first_defense=lambda: 0):
+    """A runner that records each command; "a defend" runs ``first_defense`` (its status), the others succeed."""
+    def runner(args):
+        started.append(" ".join(args))
+        return first_defense() if args == ["a", "defend"] else 0
+    return runner
+
+
 def test_one_job_runs_the_chains_one_after_another_in_order():
-    qs = _quickstart()
-    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
-    started: list[str] = []
-    assert qs.run_plan(chains, 1, lambda args: started.append(" ".join(args)) or 0) == [0, 0]
+    qs, started = _quickstart(), []
+    assert qs.run_plan(TWO_CHAINS, 1, _recorder(started)) == [0, 0]
     assert started == ["a defend", "a grid", "b defend", "b grid"]
 
 
@@ -119,33 +128,24 @@ def test_each_command_is_timed_for_the_demos_timeline():
 
 
 def test_ctrl_c_starts_no_new_command():
-    qs = _quickstart()
-    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
-    started: list[str] = []
+    qs, started = _quickstart(), []
 
-    def runner(args):
-        started.append(" ".join(args))
-        if args == ["a", "defend"]:
-            _thread.interrupt_main()  # as Ctrl-C would: the main thread, waiting on the workers, gets it
-            time.sleep(0.5)  # and this command, still running, then ends successfully
+    def interrupted_then_succeeds():
+        _thread.interrupt_main()  # as Ctrl-C would: the main thread, waiting on the workers, gets it
+        time.sleep(0.5)  # and this command, still running, then ends successfully
         return 0
 
     with pytest.raises(KeyboardInterrupt):
-        qs.run_plan(chains, 1, runner)
+        qs.run_plan(TWO_CHAINS, 1, _recorder(started, interrupted_then_succeeds))
     time.sleep(1.0)  # the worker finishes "a defend" and would take the next ready command now
     assert started == ["a defend"]
 
 
 def test_a_command_that_raises_counts_as_failed_and_the_worker_goes_on():
-    qs = _quickstart()
-    chains = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
-    started: list[str] = []
+    qs, started = _quickstart(), []
 
-    def runner(args):
-        started.append(" ".join(args))
-        if args == ["a", "defend"]:
-            raise OSError("python not found")
-        return 0
+    def raises():
+        raise OSError("python not found")
 
-    assert qs.run_plan(chains, 1, runner) == [1, 0]
+    assert qs.run_plan(TWO_CHAINS, 1, _recorder(started, raises)) == [1, 0]
     assert started == ["a defend", "b defend", "b grid"]
