@@ -43,7 +43,8 @@ TIMELINE: list[dict] = []
 
 
 def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
-    print("+ python " + " ".join(args), flush=True)
+    command = "python " + " ".join(args)
+    print("+ " + command, flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *args], env=env)
     cpu = None
@@ -51,7 +52,7 @@ def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
         _, wait_status, usage = os.wait4(proc.pid, 0)
         proc.returncode, cpu = os.waitstatus_to_exitcode(wait_status), round(usage.ru_utime + usage.ru_stime, 1)
     code = proc.wait()
-    TIMELINE.append({"command": "python " + " ".join(args), "start": start,
+    TIMELINE.append({"command": command, "start": start,
                      "seconds": round(time.perf_counter() - start, 1), "cpu_s": cpu, "status": code})
     if check and code:
         raise subprocess.CalledProcessError(code, proc.args)

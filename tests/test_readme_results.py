@@ -182,8 +182,7 @@ def test_wall_time_line_quotes_the_machines_load_during_the_demo(tmp_path):
 def test_wall_time_line_names_the_commands_cpu_time_and_the_longest_one(tmp_path):
     gen = _generator()
     commands = [{"command": "python -m selfdestruct.defend defense=ctrap_tuned hydra.run.dir=/home/me/qs/defend",
-                 "start": 0.0, "seconds": 650.2,
-                 "cpu_s": 600.2, "status": 0},
+                 "start": 0.0, "seconds": 650.2, "cpu_s": 600.2, "status": 0},
                 {"command": "python -m selfdestruct.defend defense=sft", "start": 1.0, "seconds": 420.4,
                  "cpu_s": 120.4, "status": 0}]
     (tmp_path / "quickstart.json").write_text(json.dumps({
