@@ -53,6 +53,7 @@ BAD_ATTACK = [
     (["defense=ctrap", "defense.params.gradient=nosuch"], "defense.params.gradient='nosuch'"),
     (["defense=ctrap", "defense.params.step_size=0"], "defense.params.step_size=0"),
     (["defense=ctrap", "defense.params.unroll_steps=0"], "defense.params.unroll_steps=0"),
+    (["defense=ctrap", "defense.params.collapse_at=middle"], "defense.params.collapse_at"),
     (["defense=ctrap", "defense.params.lora_rank=0"], "defense.params.lora_rank=0"),
     (["defense=ctrap", "defense.params.adapter=qlora"], "defense.params.adapter='qlora'"),
     (["defense=ctrap", "defense.params.data=everything"], "defense.params.data='everything'"),

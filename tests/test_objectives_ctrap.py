@@ -60,17 +60,20 @@ def _moved(model, grads, scale):
     return moved
 
 
-def _reference(model, align, harmful, general, lam, radii, normalize=True, steps=1):
-    """∇ℓ_align(θ) + λ·mean_r ∇ℓ_col(θ'_r), θ'_r = θ after ``steps`` normalised (or raw) gradient steps of size r."""
+def _reference(model, align, harmful, general, lam, radii, normalize=True, steps=1, every=False):
+    """∇ℓ_align(θ) + λ·mean_r ∇ℓ_col(θ'_r), θ'_r = θ after ``steps`` normalised (or raw) gradient steps of size r;
+    ``every``: λ·mean_r mean_k ∇ℓ_col(θ_r,k) over the points after k = 1..steps steps."""
     total = list(torch.autograd.grad(_ce(model, align), list(model.parameters())))
     for r in radii:
         point = model
-        for _ in range(steps):
+        for k in range(1, steps + 1):
             g = torch.autograd.grad(_ce(point, harmful), list(point.parameters()))
             n = math.sqrt(sum(float(x.square().sum()) for x in g)) if normalize else 1.0
             point = _moved(point, g, -r / n)
-        v = torch.autograd.grad(_ce(point, general, TOKEN), list(point.parameters()))
-        total = [t + lam / len(radii) * vi for t, vi in zip(total, v)]
+            if every or k == steps:
+                v = torch.autograd.grad(_ce(point, general, TOKEN), list(point.parameters()))
+                weight = lam / len(radii) / (steps if every else 1)
+                total = [t + weight * vi for t, vi in zip(total, v)]
     return total
 
 
@@ -121,6 +124,24 @@ def test_unrolled_attack_takes_k_fresh_gradient_steps(batches):
     assert rel_error(one, got) > 1e-3
 
 
+def test_collapse_at_every_step_averages_the_traps_along_the_unrolled_attack(batches):
+    model = micro_llama()
+    align, harmful, general = batches
+    got, stats = _step_grads(model, align, harmful, general, lam=0.5, step_size=0.2, unroll_steps=3,
+                             collapse_at="every")
+    expected = _reference(model, align, harmful, general, 0.5, [0.2], steps=3, every=True)
+    assert rel_error(got, expected) < 1e-5
+    last, last_stats = _step_grads(model, align, harmful, general, lam=0.5, step_size=0.2, unroll_steps=3)
+    assert rel_error(got, last) > 1e-3  # the nearer traps change the step
+    # the logged ℓ_col is the mean over the path, not its value at the end
+    assert stats["loss_collapse"] != pytest.approx(last_stats["loss_collapse"], rel=1e-6)
+    assert stats["loss"] == pytest.approx(stats["loss_align"] + 0.5 * stats["loss_collapse"])
+    # with one simulated step "every" and "last" are the same trap, bit for bit
+    one_every, _ = _step_grads(model, align, harmful, general, lam=0.5, step_size=0.2, collapse_at="every")
+    one_last, _ = _step_grads(model, align, harmful, general, lam=0.5, step_size=0.2)
+    assert all(torch.equal(a, b) for a, b in zip(one_every, one_last))
+
+
 def test_exact_gradient_matches_finite_differences(batches):
     """d/dt F(θ + t·u) by central differences vs ⟨exact gradient, u⟩, F = ℓ_align + λ·ℓ_col(θ − a·ĝ_h(θ)).
 
@@ -164,6 +185,7 @@ OPTIONS = [
     {"lookahead": "sign"},
     {"lookahead": "adam", "normalize_step": False},
     {"radii": [0.1, 0.3], "unroll_steps": 2},
+    {"radii": [0.1, 0.3], "unroll_steps": 2, "collapse_at": "every"},
     {"gradient_mode": "exact"},
     {"measure_lookahead": True},
 ]

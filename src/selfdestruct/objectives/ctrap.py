@@ -47,6 +47,7 @@ LOOKAHEADS = ("sgd", "sign", "adam")
 NORM_EPS = 1e-7  # θ' = θ − a·g_h/(‖g_h‖ + 1e-7), as in the published code
 GRADIENTS = ("first_order", "exact")
 COLLAPSE_RULES = ("published", "first")
+COLLAPSE_AT = ("last", "every")
 CTRAP_DATA = ("retain", "align_general")
 
 
@@ -63,6 +64,7 @@ class CtrapParams(AdapterParams):
     lookahead: str = "sgd"  # sgd (published) | sign | adam
     radii: list[float] | None = None  # several step sizes whose collapse gradients are averaged; None = [step_size]
     unroll_steps: int = 1  # simulated attack steps (published: 1)
+    collapse_at: str = "last"  # last: ℓ_col where the unrolled attack ends (published) | every: mean over its steps
     adam_beta2: float = 0.999  # decay of the running E[g_h²] of lookahead=adam
     collapse_word: str = "error"
     collapse_token: str = "published"  # published: last token of "an error" | first: first token of " error"
@@ -75,7 +77,7 @@ class CtrapParams(AdapterParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         choices = {"gradient": GRADIENTS, "lookahead": LOOKAHEADS, "data": CTRAP_DATA,
-                   "collapse_token": COLLAPSE_RULES}
+                   "collapse_token": COLLAPSE_RULES, "collapse_at": COLLAPSE_AT}
         for key, allowed in choices.items():
             check_choice(self, key, allowed)
         check_number(self, "lam")
@@ -215,7 +217,9 @@ def ctrap_step(
     """Accumulate ∇ℓ(θ; D_align) + λ·∇_θ ℓ_col(θ'; D_gen) into ``p.grad``; return the step's stats.
 
     θ' is reached from θ by ``unroll_steps`` simulated attack steps of size a on the harmful batch (1 = the
-    paper); with ``radii`` the collapse gradients of several sizes a are averaged (default: [step_size]).
+    paper); with ``radii`` the collapse gradients of several sizes a are averaged (default: [step_size]);
+    ``collapse_at="every"`` plants ℓ_col after each simulated step and averages over the steps (a trap along the
+    whole simulated path instead of at its end).
     first_order uses ∇ℓ_col(θ') as the gradient at θ; exact adds −a·∇_θ⟨∇ℓ_col(θ'), d(θ)⟩ by double backward
     (lookahead "sgd", one step, single process). Extra memory: g_h and one saved copy of the weights,
     restored bit-for-bit. ``measure_lookahead`` also measures the harmful loss at θ' (one more forward pass).
@@ -228,7 +232,7 @@ def ctrap_step(
     ranks hold unequal numbers of labelled tokens. Raises :class:`NonFiniteGradientError` on NaN/inf.
 
     Stats: loss (ℓ_align + λ·ℓ_col), loss_align, loss_harmful (ℓ(θ; D_adv), whose gradient defines the step),
-    loss_collapse (ℓ_col at θ', mean over radii), norm_h (‖g_h‖); with ``measure_lookahead``
+    loss_collapse (ℓ_col at θ', mean over radii and, with collapse_at="every", over the steps), norm_h (‖g_h‖); with ``measure_lookahead``
     loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1 loss_harmful_unrolled (the harmful loss
     where the last simulated step starts).
     """
@@ -302,45 +306,56 @@ class _CollapseTrace:
 def _add_collapse_gradients(model, params, harmful: Batch, general: Batch, step: Lookahead, p: CtrapParams,
                             token_id: int, second_moment: SecondMoment | None, reduce_fn: ReduceFn | None,
                             weights: _Weights) -> _CollapseTrace:
-    """λ/R · Σ_r ∇ℓ_col(θ'_r; D_gen) into ``.grad``, θ'_r reached with step size r; the weights are restored."""
+    """λ/R · Σ_r ∇ℓ_col(θ'_r; D_gen) into ``.grad``, θ'_r reached with step size r; the weights are restored.
+
+    With ``collapse_at="every"`` the term of radius r is the mean over the simulated steps k = 1..K of
+    ∇ℓ_col(θ_r,k), θ_r,k the point after k steps."""
     radii = [p.step_size] if p.radii is None else [float(r) for r in p.radii]
-    weight = p.lam / len(radii)
+    depths = range(1, p.unroll_steps + 1) if p.collapse_at == "every" else [p.unroll_steps]
+    weight = p.lam / len(radii) / len(depths)
     exact = p.gradient == "exact"
     trace = _CollapseTrace([], [], [], [torch.zeros_like(q) for q in params] if exact else None)
     with displaced(params) as restore:
         for radius in radii:
             shift_(params, step.direction, -radius * step.scale)
-            _unroll(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful, trace)
-            if p.measure_lookahead:
-                with torch.no_grad():
-                    trace.after.append(value(response_ce(model, harmful)))
-            col = collapse_loss(model, general, token_id)
-            trace.collapse.append(value(col))
-            if exact:
-                v = gradient(col, params)
-                add_to_grads(params, v, weight)
-                for acc, vi in zip(trace.pull, v):
-                    acc.add_(vi, alpha=radius / len(radii))
-                del v
-            else:
-                add_gradient(col, params, weight * weights.collapse)
+            collapse = []
+            for depth in range(1, p.unroll_steps + 1):
+                if depth > 1:
+                    _attack_step(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful,
+                                 trace if depth == p.unroll_steps else None)
+                if depth not in depths:
+                    continue
+                if p.measure_lookahead and depth == p.unroll_steps:
+                    with torch.no_grad():
+                        trace.after.append(value(response_ce(model, harmful)))
+                col = collapse_loss(model, general, token_id)
+                collapse.append(value(col))
+                if exact:
+                    v = gradient(col, params)
+                    add_to_grads(params, v, weight)
+                    for acc, vi in zip(trace.pull, v):
+                        acc.add_(vi, alpha=radius / len(radii))
+                    del v
+                else:
+                    add_gradient(col, params, weight * weights.collapse)
+            trace.collapse.append(sum(collapse) / len(collapse))
             restore()
     return trace
 
 
-def _unroll(model, params, harmful: Batch, radius: float, p: CtrapParams, second_moment: SecondMoment | None,
-            reduce_fn: ReduceFn | None, w_h: float, trace: _CollapseTrace) -> None:
-    """Simulated attack steps 2..unroll_steps, each on the harmful gradient where the previous one ended."""
-    for j in range(1, p.unroll_steps):
-        loss_j = response_ce(model, harmful)
-        if j == p.unroll_steps - 1:
-            trace.trail.append(value(loss_j))
-        g_j = gradient(scaled(loss_j, w_h), params)
-        if reduce_fn is not None:
-            reduce_fn(g_j)
-        s_j = lookahead_step(g_j, p.lookahead, p.normalize_step, second_moment)
-        shift_(params, s_j.direction, -radius * s_j.scale)
-        del g_j, s_j
+def _attack_step(model, params, harmful: Batch, radius: float, p: CtrapParams, second_moment: SecondMoment | None,
+                 reduce_fn: ReduceFn | None, w_h: float, trace: _CollapseTrace | None) -> None:
+    """One more simulated attack step (2..unroll_steps) on the harmful gradient where the previous one ended;
+    ``trace`` (the last step) records the harmful loss where it starts."""
+    loss_j = response_ce(model, harmful)
+    if trace is not None:
+        trace.trail.append(value(loss_j))
+    g_j = gradient(scaled(loss_j, w_h), params)
+    if reduce_fn is not None:
+        reduce_fn(g_j)
+    s_j = lookahead_step(g_j, p.lookahead, p.normalize_step, second_moment)
+    shift_(params, s_j.direction, -radius * s_j.scale)
+    del g_j, s_j
 
 
 def _add_exact_correction(model, params, harmful: Batch, pull: TensorList, p: CtrapParams) -> None:
