@@ -24,7 +24,11 @@ def _generator():
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md", "results"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "ctrap_recipe.md", "ctrap_recipe"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "baselines.md", "baselines"),
-], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines"])
+    (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection_second_machine.md",
+     "second_machine"),
+], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
+        "nowin-README-second-machine"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
