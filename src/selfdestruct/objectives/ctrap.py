@@ -232,9 +232,9 @@ def ctrap_step(
     ranks hold unequal numbers of labelled tokens. Raises :class:`NonFiniteGradientError` on NaN/inf.
 
     Stats: loss (ℓ_align + λ·ℓ_col), loss_align, loss_harmful (ℓ(θ; D_adv), whose gradient defines the step),
-    loss_collapse (ℓ_col at θ', mean over radii and, with collapse_at="every", over the steps), norm_h (‖g_h‖); with ``measure_lookahead``
-    loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1 loss_harmful_unrolled (the harmful loss
-    where the last simulated step starts).
+    loss_collapse (ℓ_col at θ', mean over radii and, with collapse_at="every", over the steps), norm_h (‖g_h‖);
+    with ``measure_lookahead`` loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1
+    loss_harmful_unrolled (the harmful loss where the last simulated step starts).
     """
     _check_mode(p, reduce_fn)
     params = trainable_parameters(model)
@@ -311,8 +311,8 @@ def _add_collapse_gradients(model, params, harmful: Batch, general: Batch, step:
     With ``collapse_at="every"`` the term of radius r is the mean over the simulated steps k = 1..K of
     ∇ℓ_col(θ_r,k), θ_r,k the point after k steps."""
     radii = [p.step_size] if p.radii is None else [float(r) for r in p.radii]
-    depths = range(1, p.unroll_steps + 1) if p.collapse_at == "every" else [p.unroll_steps]
-    weight = p.lam / len(radii) / len(depths)
+    every = p.collapse_at == "every"
+    weight = p.lam / len(radii) / (p.unroll_steps if every else 1)
     exact = p.gradient == "exact"
     trace = _CollapseTrace([], [], [], [torch.zeros_like(q) for q in params] if exact else None)
     with displaced(params) as restore:
@@ -320,27 +320,34 @@ def _add_collapse_gradients(model, params, harmful: Batch, general: Batch, step:
             shift_(params, step.direction, -radius * step.scale)
             collapse = []
             for depth in range(1, p.unroll_steps + 1):
+                last = depth == p.unroll_steps
                 if depth > 1:
                     _attack_step(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful,
-                                 trace if depth == p.unroll_steps else None)
-                if depth not in depths:
-                    continue
-                if p.measure_lookahead and depth == p.unroll_steps:
+                                 trace if last else None)
+                if last and p.measure_lookahead:
                     with torch.no_grad():
                         trace.after.append(value(response_ce(model, harmful)))
-                col = collapse_loss(model, general, token_id)
-                collapse.append(value(col))
-                if exact:
-                    v = gradient(col, params)
-                    add_to_grads(params, v, weight)
-                    for acc, vi in zip(trace.pull, v):
-                        acc.add_(vi, alpha=radius / len(radii))
-                    del v
-                else:
-                    add_gradient(col, params, weight * weights.collapse)
+                if every or last:
+                    collapse.append(_plant_trap(model, params, general, token_id, weight, weights.collapse,
+                                                trace.pull, radius / len(radii)))
             trace.collapse.append(sum(collapse) / len(collapse))
             restore()
     return trace
+
+
+def _plant_trap(model, params, general: Batch, token_id: int, weight: float, w_col: float,
+                pull: TensorList | None, pull_weight: float) -> float:
+    """weight·∇ℓ_col(θ; D_gen) at the current point into ``.grad``; returns ℓ_col. For the exact gradient
+    (``pull`` given) ∇ℓ_col also goes into ``pull`` with ``pull_weight``."""
+    col = collapse_loss(model, general, token_id)
+    if pull is None:
+        add_gradient(col, params, weight * w_col)
+        return value(col)
+    v = gradient(col, params)
+    add_to_grads(params, v, weight)
+    for acc, vi in zip(pull, v):
+        acc.add_(vi, alpha=pull_weight)
+    return value(col)
 
 
 def _attack_step(model, params, harmful: Batch, radius: float, p: CtrapParams, second_moment: SecondMoment | None,
