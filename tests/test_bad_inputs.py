@@ -48,6 +48,7 @@ BAD_ATTACK = [
     (["defense=seam", "defense.params.eps=0"], "defense.params.eps=0: expected a finite number > 0"),
     (["defense=seam", "defense.params.beta=nan"], "defense.params.beta=nan"),
     (["defense=seam", "defense.params.estimator=backward"], "defense.params.estimator='backward'"),
+    (["defense=seam", "defense.params.coupling=adam"], "defense.params.coupling='adam'"),
     (["defense=seam", "defense.params.num_samples=0"], "defense.params.num_samples=0"),
     (["defense=seam", "defense.optim.lr=-1e-4"], "defense.optim.lr=-0.0001"),
     (["defense=ctrap", "defense.params.gradient=nosuch"], "defense.params.gradient='nosuch'"),

@@ -62,6 +62,7 @@ CASES = {
     "seam_fp32_official": ("seam", torch.float32, EQUAL, dict(beta=0.5, official_masking=True)),
     "seam_bf16_unequal": ("seam", torch.bfloat16, UNEQUAL, dict(beta=0.5, eps=0.1)),
     "seam_fp64_plain_reducer": ("seam", torch.float64, UNEQUAL, dict(beta=0.5, benign_weight=0.3)),
+    "seam_fp64_sign": ("seam", torch.float64, UNEQUAL, dict(beta=0.5, coupling="sign")),
     "ctrap_fp64_unequal": ("ctrap", torch.float64, UNEQUAL, dict()),
     "ctrap_fp32_unroll_adam": ("ctrap", torch.float32, UNEQUAL, dict(unroll_steps=2, lookahead="adam")),
 }

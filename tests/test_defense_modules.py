@@ -350,8 +350,8 @@ def test_sft_is_a_no_op_and_takes_no_params(tokenizer, tmp_path):
 # ---- configs ---------------------------------------------------------------------------------------------------
 
 PAPER = {
-    "seam": ({"alpha": 1.0, "beta": 0.01, "eps": 1e-3, "estimator": "forward", "official_masking": False,
-              "benign_weight": 0.0},
+    "seam": ({"alpha": 1.0, "beta": 0.01, "eps": 1e-3, "estimator": "forward", "coupling": "gradient",
+              "official_masking": False, "benign_weight": 0.0},
              {"lr": 2e-5, "epochs": 1, "weight_decay": 0.0, "warmup_ratio": 0.1, "schedule": "cosine",
               "max_grad_norm": None}),
     "ctrap": ({"lam": 0.1, "step_size": 0.1, "normalize_step": True, "gradient": "first_order", "lookahead": "sgd",

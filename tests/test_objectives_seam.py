@@ -97,6 +97,45 @@ def test_estimate_leaves_parameters_bit_identical_and_grads_untouched(setup):
     model.zero_grad(set_to_none=True)
 
 
+def _sign_coupling_reference(model, harmful, benign):
+    """∇cos(sign g_a, g_b) written out on its own: sign g_a a constant, g_b differentiated twice (eager attention)."""
+    params = list(model.parameters())
+    model.config._attn_implementation = "eager"
+    try:
+        ce_a = model(**harmful, use_cache=False).loss
+        s = [torch.sign(g) for g in torch.autograd.grad(ce_a, params)]
+        g_b = torch.autograd.grad(model(**benign, use_cache=False).loss, params, create_graph=True)
+        sb = sum((x * y).sum() for x, y in zip(s, g_b))
+        cos = sb / (math.sqrt(sum(float(x.square().sum()) for x in s)) * sum((y * y).sum() for y in g_b).sqrt())
+        return [g.detach() for g in torch.autograd.grad(cos, params)], float(cos)
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_sign_coupling_gradient_matches_its_independent_statement(setup):
+    """coupling=sign: L_sd = cos(sign g_a, g_b); only H_b is left in its gradient, one finite difference."""
+    model, harmful, refusal, benign, exact_gradient_coupling, _ = setup
+    reference, cos = _sign_coupling_reference(model, harmful, benign)
+    exact, stats = sd_gradient(model, harmful, benign, SeamParams(estimator="exact", coupling="sign"))
+    assert rel_error(exact, reference) < 1e-5
+    assert stats["cos"] == pytest.approx(cos, rel=1e-5)
+    est, _ = sd_gradient(model, harmful, benign, SeamParams(eps=1e-3, estimator="forward", coupling="sign"))
+    assert rel_error(est, reference) < 1e-2
+    assert rel_error(reference, exact_gradient_coupling) > 0.1  # a different objective from the paper's cosine
+    # in a step: loss_sd is the sign cosine, cos stays cos(g_a, g_b), the step adds beta times the estimate
+    alpha, beta, eps = 0.7, 0.5, 1e-3
+    ul_up, _ = _ul_up_gradients(model, harmful, refusal, alpha)
+    est, _ = sd_gradient(model, harmful, benign, SeamParams(eps=eps, coupling="sign"))
+    state = clone_state(model)
+    stats = seam_step(model, harmful, refusal, benign, SeamParams(alpha=alpha, beta=beta, eps=eps, coupling="sign"))
+    assert_state_identical(model, state)
+    assert rel_error(param_grads(model), [u + beta * e for u, e in zip(ul_up, est)]) < 1e-4
+    assert stats["loss_sd"] == pytest.approx(cos, rel=1e-5)
+    assert abs(stats["cos"] - cos) > 1e-3
+    assert stats["loss"] == pytest.approx(stats["loss_ul"] + alpha * stats["loss_up"] + beta * stats["loss_sd"])
+    model.zero_grad(set_to_none=True)
+
+
 def _ul_up_gradients(model, harmful, refusal, alpha, official=False):
     """∇L_ul + α∇L_up computed on their own, in the order seam_step accumulates them."""
     sels = seam_selections(harmful, harmful, refusal, official)  # the benign selection is not used here

@@ -7,6 +7,10 @@
   needs Hessian-vector products; SEAM replaces them by finite differences of gradients ("forward", the paper's
   one-sided scheme, error O(ε)); "central" differences cost two more gradient evaluations for O(ε²); "exact"
   differentiates cos(g_a, g_b) by double backward (small models only, eager attention).
+- ``coupling="sign"`` (beyond the paper): L_sd = cos(sign g_a, g_b). An AdamW attacker's first steps move every
+  coordinate by about lr·sign(g_a), so the benign loss changes by about −lr·g_b·sign(g_a): this is the cosine that
+  decides whether such a step hurts the benign task. sign g_a is piecewise constant, so only H_b is left in the
+  gradient: ∇L_sd = H_b(ŝ − c·ĝ_b)/‖g_b‖ with ŝ = sign g_a/‖sign g_a‖, one finite difference.
 
 The functions accumulate into ``p.grad`` like ``loss.backward()`` would, so a caller zeroes the gradients,
 calls :func:`seam_step`, and steps its optimiser.
@@ -53,6 +57,7 @@ from selfdestruct.objectives.common import (
 
 Batch = dict[str, torch.Tensor]
 ESTIMATORS = ("forward", "central", "exact")
+COUPLINGS = ("gradient", "sign")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class SeamParams:
     beta: float = 0.01  # β, weight of L_sd = cos(g_a, g_b)
     eps: float = 1e-3  # ε, finite-difference radius of the Hessian-free estimate
     estimator: str = "forward"  # forward | central | exact
+    coupling: str = "gradient"  # gradient: L_sd = cos(g_a, g_b) (paper) | sign: cos(sign g_a, g_b) (beyond the paper)
     official_masking: bool = False  # the published loss masks instead of the response-token labels
     benign_weight: float = 0.0  # γ, benign cross-entropy added to utility preservation (beyond the paper)
     num_samples: int | None = None  # harmful/refusal pairs; None = the whole defense pool
@@ -77,6 +83,7 @@ class SeamParams:
             check_number(self, name)
         check_number(self, "eps", low=0.0, low_open=True)
         check_choice(self, "estimator", ESTIMATORS)
+        check_choice(self, "coupling", COUPLINGS)
         check_number(self, "num_samples", low=1, integer=True, optional=True)
         check_number(self, "num_benign", low=1, integer=True, optional=True)
 
@@ -237,6 +244,11 @@ def cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor
     return ab / (aa.sqrt() * bb.sqrt())
 
 
+def signs(grads: Sequence[torch.Tensor]) -> TensorList:
+    """sign g of a gradient list, a constant (no graph): the direction of an AdamW attacker's first steps."""
+    return [torch.sign(g.detach()) for g in grads]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The gradient of L_sd
 # --------------------------------------------------------------------------------------------------------------
@@ -275,6 +287,7 @@ def add_sd_estimate(
     eps: float,
     scheme: str = "forward",
     coef: float = 1.0,
+    fixed_a: bool = False,
 ) -> None:
     """Accumulate ``coef`` × the Hessian-free estimate of ∇cos(g_a, g_b) into ``p.grad``.
 
@@ -282,6 +295,8 @@ def add_sd_estimate(
     of gradients along that direction (SPEC §3): "forward" uses (g(θ + εd) − g(θ))/ε with the snapshots
     ``ga``/``gb`` as g(θ); "central" uses (g(θ + εd) − g(θ − εd))/(2ε). The weights are restored bit-for-bit
     from one saved copy; ``loss_a``/``loss_b`` recompute the two losses at the current weights.
+    ``fixed_a``: ``ga`` does not depend on the weights (sign g_a of ``coupling="sign"``), so the H_a term is
+    dropped and ``loss_a`` is never called.
 
     Data parallelism: ``ga``/``gb`` are then the rank-averaged gradients, so every rank moves to the same
     points. The gradients there are rank-local: each rank adds k·(g_r(θ') − ḡ(θ)) to ``.grad`` and the caller's
@@ -298,7 +313,7 @@ def add_sd_estimate(
     terms = (
         (loss_a, ga, na, ((gb, 1.0 / nb), (ga, -c / na))),
         (loss_b, gb, nb, ((ga, 1.0 / na), (gb, -c / nb))),
-    )
+    )[1 if fixed_a else 0:]
     low = any(p.dtype in LOW_PRECISION for p in params)
     with displaced(params) as restore:
         for loss_fn, g0, n, direction in terms:
@@ -335,8 +350,8 @@ def sd_gradient(
 ) -> tuple[TensorList, dict[str, float]]:
     """∇L_sd = ∇cos(g_a, g_b) alone (estimated or exact), e.g. to check the estimator; ``.grad`` is untouched.
 
-    Uses ``p.eps``, ``p.estimator`` and ``p.official_masking``. Returns one tensor per trainable parameter and
-    {"norm_a", "norm_b", "cos"}.
+    Uses ``p.eps``, ``p.estimator``, ``p.coupling`` and ``p.official_masking``. Returns one tensor per trainable
+    parameter and {"norm_a", "norm_b", "cos"} of the coupled pair (sign g_a and g_b for ``coupling="sign"``).
     """
     eps, estimator = p.eps, p.estimator
     _check_estimator(estimator, eps)
@@ -346,9 +361,12 @@ def sd_gradient(
     with stashed_grads(params), eager_attention(model) if exact else nullcontext():
         ga = gradient(masked_ce(model, harmful, sels.harmful), params, create_graph=exact)
         gb = gradient(masked_ce(model, benign, sels.benign), params, create_graph=exact)
+        if p.coupling == "sign":
+            ga = signs(ga)
         coupling = Coupling.of(snapshot(ga), snapshot(gb))
         coupling.check()
-        _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, coupling, eps, estimator, 1.0)
+        _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, coupling, eps, estimator, 1.0,
+                               fixed_a=p.coupling == "sign")
         result = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     if not all(bool(torch.isfinite(r).all()) for r in result):
         raise NonFiniteGradientError(f"SEAM: the {estimator} estimate of grad cos(g_a, g_b) is not finite (eps={eps})")
@@ -368,9 +386,11 @@ def _add_coupling_gradient(
     estimator: str,
     coef: float,
     weights: tuple[float, float] = (1.0, 1.0),
+    fixed_a: bool = False,
 ) -> None:
     """``coef``·∇cos(g_a, g_b) into ``.grad``: double backward through the graphs of ``ga``/``gb`` (exact),
-    or the finite-difference estimate with ``ga``/``gb`` as the gradients at the current weights.
+    or the finite-difference estimate with ``ga``/``gb`` as the gradients at the current weights (``fixed_a``:
+    ``ga`` is a constant, sign g_a).
 
     ``weights`` are this rank's token weights of the harmful and benign CE (data parallelism, see
     :func:`selfdestruct.objectives.common.pooled`), applied to the losses at the perturbed points as they were
@@ -389,6 +409,7 @@ def _add_coupling_gradient(
         eps,
         estimator,
         coef,
+        fixed_a,
     )
 
 
@@ -428,7 +449,8 @@ def seam_step(
     With β = 0 the coupling gradient is skipped entirely (g_a, g_b and cos are still measured for the stats).
     Raises :class:`NonFiniteGradientError` if any term is NaN/inf; the weights are restored first.
 
-    Stats: loss (the objective's value), loss_ul, s_ul (the S inside L_ul), loss_up, loss_sd (= cos),
+    Stats: loss (the objective's value), loss_ul, s_ul (the S inside L_ul), loss_up, loss_sd (cos of the coupled
+    pair: = cos, or cos(sign g_a, g_b) with ``coupling="sign"``),
     ce_harmful (the loss of g_a), ce_benign (the loss of g_b), norm_a, norm_b, cos.
     """
     _check_estimator(p.estimator, p.eps)
@@ -444,10 +466,11 @@ def seam_step(
             add_gradient(up, params, p.alpha * ul.w_up)  # α∇L_up
         ce_b = masked_ce(model, benign, sels.benign)
         gb = gradient(scaled(ce_b, ul.w_b), params, create_graph=exact)  # g_b
-        coupling = _add_coupling(model, params, harmful, benign, sels, ga, gb, p, reduce_fn, (ul.w_h, ul.w_b))
+        coupling, term = _add_coupling(model, params, harmful, benign, sels, ga, gb, p, reduce_fn,
+                                       (ul.w_h, ul.w_b))
         del ga, gb
     average_grads(reduce_fn, params)
-    stats = _seam_stats(ul, value(up), value(ce_b), coupling, sels, p, reduce_fn, params)
+    stats = _seam_stats(ul, value(up), value(ce_b), coupling, term.cos, sels, p, reduce_fn, params)
     check_finite("SEAM", params, **{k: v for k, v in stats.items() if k != "loss_sd"})
     return stats
 
@@ -490,8 +513,9 @@ def _add_unlearning(model, params, harmful: Batch, sels: SeamSelections, reduce_
 
 def _add_coupling(model, params, harmful: Batch, benign: Batch, sels: SeamSelections, ga: TensorList,
                   gb: TensorList, p: SeamParams, reduce_fn: ReduceFn | None,
-                  weights: tuple[float, float]) -> Coupling:
-    """[γ·g_b +] β·∇cos(g_a, g_b) into ``.grad``; return ‖g_a‖, ‖g_b‖ and cos of the rank-averaged g_a, g_b."""
+                  weights: tuple[float, float]) -> tuple[Coupling, Coupling]:
+    """[γ·g_b +] β·∇L_sd into ``.grad``; return ‖g_a‖, ‖g_b‖ and cos of the rank-averaged g_a, g_b, and the same
+    of the pair L_sd couples (the first again for ``coupling="gradient"``, sign g_a and g_b for "sign")."""
     exact = p.estimator == "exact"
     ga_s, gb_s = snapshot(ga), snapshot(gb)
     if p.benign_weight != 0.0:
@@ -502,27 +526,32 @@ def _add_coupling(model, params, harmful: Batch, benign: Batch, sels: SeamSelect
         reduce_fn(gb_s)
     coupling = Coupling.of(ga_s, gb_s)
     coupling.check()
+    term = coupling
+    if p.coupling == "sign":  # L_sd = cos(sign g_a, g_b): sign g_a is the same constant for exact and estimates
+        ga_s = ga = signs(ga_s)
+        term = Coupling.of(ga_s, gb_s)
+        term.check()
     if p.beta != 0.0:
         if not exact:
             ga, gb = ga_s, gb_s  # drop the references to the raw autograd outputs
-        _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, coupling, p.eps, p.estimator, p.beta,
-                               weights)
-    return coupling
+        _add_coupling_gradient(model, params, harmful, benign, sels, ga, gb, term, p.eps, p.estimator, p.beta,
+                               weights, fixed_a=p.coupling == "sign")
+    return coupling, term
 
 
-def _seam_stats(ul: _Unlearning, loss_up: float, ce_benign: float, coupling: Coupling, sels: SeamSelections,
-                p: SeamParams, reduce_fn: ReduceFn | None, params) -> dict[str, float]:
+def _seam_stats(ul: _Unlearning, loss_up: float, ce_benign: float, coupling: Coupling, loss_sd: float,
+                sels: SeamSelections, p: SeamParams, reduce_fn: ReduceFn | None, params) -> dict[str, float]:
     """The step's stats, every rank's values pooled into the whole batch's when ``reduce_fn`` can pool."""
     device = params[0].device if params else torch.device("cpu")
     pool = pooled(reduce_fn, device, [(sels.refusal.count, loss_up), (sels.benign.count, ce_benign)])
     if pool is not None:
         (_, loss_up), (_, ce_benign) = pool
     return {
-        "loss": ul.loss_ul + p.alpha * loss_up + p.beta * coupling.cos + p.benign_weight * ce_benign,
+        "loss": ul.loss_ul + p.alpha * loss_up + p.beta * loss_sd + p.benign_weight * ce_benign,
         "loss_ul": ul.loss_ul,
         "s_ul": ul.s_ul,
         "loss_up": loss_up,
-        "loss_sd": coupling.cos,
+        "loss_sd": loss_sd,
         "ce_harmful": ul.ce_harmful,
         "ce_benign": ce_benign,
         "norm_a": coupling.norm_a,
