@@ -139,14 +139,19 @@ def acceptance_table(roots: list[Path], caption: str = ACCEPTANCE_CAPTION) -> tu
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
-def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None) -> tuple[list[str], list[dict]]:
-    """A selection: each directory one setting tried on the selection seeds, against SFT's runs of those seeds."""
+SELECTION_CAPTION = "Selection on seeds {seeds} only"
+
+
+def selection_table(dirs: list[Path], sft: list[Path], seeds: list[int] | None,
+                    caption: str = SELECTION_CAPTION) -> tuple[list[str], list[dict]]:
+    """A selection: each directory one setting tried on the selection seeds, against SFT's runs of those seeds
+    (the same table compares settings on held-out seeds, with another ``caption``)."""
     from selfdestruct.report import acceptance, build_report, collect
 
     report = build_report([*dirs, *sft], collect([*dirs, *sft]))
     settings = acceptance.selection(report, dirs, sft, seeds)
     used = sorted({row.seed for s in settings for row in s.rows})
-    lines = [f"Selection on seeds {', '.join(map(str, used))} only (ratios to the SFT model of the same seed, each "
+    lines = [caption.format(seeds=", ".join(map(str, used))) + " (ratios to the SFT model of the same seed, each "
              "seed's value in order; `python -m selfdestruct.report.acceptance --per-setting`):", "",
              acceptance.selection_markdown(settings), "",
              f"Bars on each seed: no-win >= {acceptance.DEFENSE_NO_WIN}/9, utility >= {acceptance.UTILITY_KEPT:g} x "
@@ -320,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection-sft", nargs="*", type=Path, default=[],
                         help="the SFT runs of the selection seeds")
     parser.add_argument("--selection-seeds", nargs="*", type=int, help="the selection seeds (default: every seed)")
+    parser.add_argument("--selection-caption", default=SELECTION_CAPTION,
+                        help="the words above the --selection table ({seeds}: the seeds used)")
     parser.add_argument("--kernel-paths", nargs="*", type=Path, default=[],
                         help="runs of the same seeds on several CPU kernel paths: one column per path")
     parser.add_argument("--search", nargs="*", type=Path, default=[],
@@ -340,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     lines: list[str] = []
     everything: list[dict] = []
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
-                (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds)),
+                (args.selection, lambda d: selection_table(d, args.selection_sft, args.selection_seeds,
+                                                           args.selection_caption)),
                 (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table)]

@@ -171,6 +171,12 @@ def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_mee
     assert "| edge | `defense=trap` `defense.params.lam=1.0` | 0, 1, 2 | 9/9, 4/9, 9/9 | 0.02, 0.10, 0.10 | 1.00, 1.00, 0.56 |" in text
     assert text.rstrip().splitlines()[-3].endswith("| 1/3 |")
     assert len(metrics) == 3 * 3 * 10  # three directories x three seeds x (9 cells + benign)
+    # the same table over the held-out seed, with its own words
+    lines, metrics = gen.selection_table([tmp_path / "steady", tmp_path / "edge"], [tmp_path / "sft"], [10],
+                                         "Both settings on held-out seed {seeds}")
+    assert lines[0].startswith("Both settings on held-out seed 10 (ratios")
+    assert "| edge | `defense=trap` `defense.params.lam=1.0` | 10 | 9/9 |" in "\n".join(lines)
+    assert len(metrics) == 3 * 10
 
 
 def test_wall_time_line_quotes_the_machines_load_during_the_demo(tmp_path):
