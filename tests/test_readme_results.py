@@ -27,8 +27,10 @@ def _generator():
     (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection_second_machine.md",
      "second_machine"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "heldout_second_machine.md",
+     "second_machine_heldout"),
 ], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
-        "nowin-README-second-machine"])
+        "nowin-README-second-machine", "nowin-README-second-machine-heldout"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
