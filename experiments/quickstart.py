@@ -3,11 +3,12 @@
     python experiments/quickstart.py --out outputs/quickstart            # the full demo (README)
     python experiments/quickstart.py --out outputs/basic --basic         # SFT + three attacks only
 
-The full demo runs the project's own entry points exactly as a user would, as one chain per defense:
+The full demo runs the project's own entry points exactly as a user would. First, alone, the pre-training and
+alignment every defense starts from (``selfdestruct.defend defense=sft`` into ``OUT/shared_stages``, on ``--jobs``
+torch threads: nothing else can run before the aligned model exists; that run stays out of the comparison, whose
+runs all use one thread). Then one chain per defense, every stage after the first a cache hit:
 
-1. ``selfdestruct.defend defense=D`` (the shared pre-training and alignment are built once, through the cache:
-   by SFT's, whose defended model is the aligned model, first and alone on ``--jobs`` threads, when SFT is one of
-   the defenses; nothing else can run before the aligned model exists);
+1. ``selfdestruct.defend defense=D``;
 2. ``selfdestruct.attack sweep=attack_grid defense=D`` — the 3 × 3 grid of learning rate × number of harmful
    samples on that defended model;
 3. a benign fine-tune of the defended model;
@@ -37,7 +38,6 @@ from pathlib import Path
 # The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked, then its grid
 # and its benign fine-tune run side by side.
 DEFAULT_DEFENSES = ("ctrap_tuned", "seam_tuned", "sft")
-BASELINE = "sft"  # its defended model is the aligned model: built first, alone, on every job's thread
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
 
@@ -98,16 +98,13 @@ def chain(out: Path, defense: str, common: list[str]) -> list[list[str]]:
     ]
 
 
-def run_plan(chains: list[list[list[str]]], jobs: int, runner, first_done: dict[int, int] | None = None) -> list[int]:
+def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
     """Run every chain's first command, then its others (which need only the first's output), on ``jobs`` workers.
 
     Among the ready commands, the earliest chain's go first. A failed first command skips the rest of its chain;
-    every other command runs whatever the others do. ``first_done`` maps a chain to the status of its first
-    command where that already ran. Returns 1 per chain where a command failed, else 0."""
-    first_done = first_done or {}
-    ready = [(i, 0) for i in range(len(chains)) if i not in first_done]
-    ready += [(i, j) for i, status in first_done.items() if not status for j in range(1, len(chains[i]))]
-    failed, running = [int(bool(first_done.get(i))) for i in range(len(chains))], 0
+    every other command runs whatever the others do. Returns 1 per chain where a command failed, else 0."""
+    ready = [(i, 0) for i in range(len(chains))]
+    failed, running = [0] * len(chains), 0
     cond, interrupted = threading.Condition(), threading.Event()
 
     def worker() -> None:
@@ -149,17 +146,19 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner, first_done: dict[
     return failed
 
 
+def shared_stages(out: Path, common: list[str]) -> list[str]:
+    """The pre-training and alignment every defense starts from, built into the cache by SFT's defend (its
+    defended model is the aligned model), in a directory of its own that the report does not compare."""
+    return ["-m", "selfdestruct.defend", "defense=sft", f"hydra.run.dir={out / 'shared_stages'}", *common]
+
+
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
+    if jobs > 1:  # nothing else can run yet: every job's thread (a failure here shows again in the chains)
+        run(shared_stages(out, common), check=False,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(jobs))})
     # One torch thread per command, so that ``jobs`` commands share the cores without oversubscribing them.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if jobs > 1 else None
-    chains, first_done = [chain(out, d, common) for d in defenses], {}
-    if jobs > 1 and BASELINE in defenses:
-        # SFT's defended model is the aligned model every defense starts from: its pre-training and alignment (the
-        # demo's longest stretch that nothing can run beside) get ``jobs`` threads, then the chains one each
-        i = defenses.index(BASELINE)
-        alone = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(jobs))}
-        first_done[i] = run(chains[i][0], check=False, env=alone)
-    failed = run_plan(chains, jobs, lambda args: run(args, check=False, env=env), first_done)
+    failed = run_plan([chain(out, d, common) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())

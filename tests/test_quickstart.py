@@ -55,9 +55,13 @@ def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, mo
             (tmp_path / "report" / "summary.md").write_text("summary")
             return 0
         defense = next(a for a in args if a.startswith("defense=")).split("=")[1]
-        first = not calls  # SFT's defend (the shared pre-training and alignment) runs first, alone, on 2 threads
-        assert env is not None and env["OMP_NUM_THREADS"] == ("2" if first else "1")
-        assert first == ((defense, args[1]) == ("sft", "selfdestruct.defend"))
+        if not calls:  # first, alone: the shared stages on 2 threads, outside the compared directories
+            assert env is not None and env["OMP_NUM_THREADS"] == "2"
+            assert args[1:3] == ["selfdestruct.defend", "defense=sft"]
+            assert f"hydra.run.dir={tmp_path / 'shared_stages'}" in args
+            calls.append(("shared", "stages"))
+            return 0
+        assert env is not None and env["OMP_NUM_THREADS"] == "1"
         if args[1] == "selfdestruct.defend" and defense in ("ctrap_tuned", "seam_tuned"):
             both_started.wait()  # the first two chains' defenses run at the same time, or this times out
         with lock:
@@ -68,6 +72,7 @@ def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, mo
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     status = qs.full(tmp_path, ["ctrap_tuned", "seam_tuned", "sft"], ["seed=0"], jobs=2)
     assert status == 1
+    assert calls[0] == ("shared", "stages")
     per_defense = {d: [e for dd, e in calls if dd == d] for d in ("ctrap_tuned", "seam_tuned", "sft")}
     full_chain = ["selfdestruct.defend", "selfdestruct.attack grid", "selfdestruct.attack benign"]
     assert per_defense == {"ctrap_tuned": full_chain, "seam_tuned": ["selfdestruct.defend"], "sft": full_chain}
@@ -97,13 +102,6 @@ def test_a_defended_models_grid_and_benign_fine_tune_share_the_workers_and_the_f
 
 
 TWO_CHAINS = [[["a", "defend"], ["a", "grid"]], [["b", "defend"], ["b", "grid"]]]
-
-
-@pytest.mark.parametrize("status", [0, 1])
-def test_a_chain_whose_first_command_already_ran_goes_on_with_the_rest_or_stops(status):
-    qs, started = _quickstart(), []
-    assert qs.run_plan(TWO_CHAINS, 1, _recorder(started), first_done={1: status}) == [0, status]
-    assert started == ["a defend", "a grid"] + ([] if status else ["b grid"])
 
 
 def _recorder(started: list[str], first_defense=lambda: 0):
