@@ -152,12 +152,16 @@ def shared_stages(out: Path, common: list[str]) -> list[str]:
     return ["-m", "selfdestruct.defend", "defense=sft", f"hydra.run.dir={out / 'shared_stages'}", *common]
 
 
+def torch_threads(n: int) -> dict[str, str]:
+    """The environment with ``n`` torch threads, unless the user set OMP_NUM_THREADS."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(n))}
+
+
 def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
     if jobs > 1:  # nothing else can run yet: every job's thread (a failure here shows again in the chains)
-        run(shared_stages(out, common), check=False,
-            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(jobs))})
+        run(shared_stages(out, common), check=False, env=torch_threads(jobs))
     # One torch thread per command, so that ``jobs`` commands share the cores without oversubscribing them.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if jobs > 1 else None
+    env = torch_threads(1) if jobs > 1 else None
     failed = run_plan([chain(out, d, common) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
