@@ -239,6 +239,21 @@ def test_defense_streams_have_the_configured_sizes_and_pairs_share_prompts(token
     assert data.sizes() == {"harmful": 12, "refusal": 12, "benign": 10}  # null: the whole pool
     with pytest.raises(UserError, match="'benign': 12 examples requested, 10 available"):  # benign follows harmful
         build_defense(model, tokenizer, bundle, "seam", {}, optim, fmt, seed=0)
+    # benign_data picks D_bgn's part of the alignment data: 10 tasks, 5 plain sentences, 15 both
+    for part, pool in (("tasks", 10), ("general", 5), ("both", 15)):
+        _, data, _ = build_defense(model, tokenizer, bundle, "seam", {"num_benign": pool, "benign_data": part},
+                                   optim, fmt, seed=0)
+        drawn = [tokenizer.decode(f["input_ids"]) for f in data.streams["benign"].features]
+        assert len(drawn) == pool and {"river" in text for text in drawn} == {
+            "tasks": {False}, "general": {True}, "both": {False, True}}[part]
+    with pytest.raises(UserError, match="'benign': 6 examples requested, 5 available"):
+        build_defense(model, tokenizer, bundle, "seam", {"num_benign": 6, "benign_data": "general"}, optim, fmt,
+                      seed=0)
+    no_text = dataclasses.replace(bundle, align=[ex for ex in bundle.align if ex.category != "general"])
+    with pytest.raises(UserError, match="defense.params.benign_data='general': the alignment data has no such"):
+        build_defense(model, tokenizer, no_text, "seam", {"benign_data": "general"}, optim, fmt, seed=0)
+    with pytest.raises(UserError, match="defense.params.benign_data='alpaca'"):
+        build_defense(model, tokenizer, bundle, "seam", {"benign_data": "alpaca"}, optim, fmt, seed=0)
     beyond = {"data": "align_general", "adapter": "full"}
     _, data, _ = build_defense(model, tokenizer, bundle, "ctrap", {"num_samples": 9, "num_align": 11,
                                                                    "num_general": 6, **beyond}, optim, fmt, seed=0)
@@ -351,7 +366,7 @@ def test_sft_is_a_no_op_and_takes_no_params(tokenizer, tmp_path):
 
 PAPER = {
     "seam": ({"alpha": 1.0, "beta": 0.01, "eps": 1e-3, "estimator": "forward", "coupling": "gradient",
-              "official_masking": False, "benign_weight": 0.0},
+              "official_masking": False, "benign_weight": 0.0, "benign_data": "tasks"},
              {"lr": 2e-5, "epochs": 1, "weight_decay": 0.0, "warmup_ratio": 0.1, "schedule": "cosine",
               "max_grad_norm": None}),
     "ctrap": ({"lam": 0.1, "step_size": 0.1, "normalize_step": True, "gradient": "first_order", "lookahead": "sgd",

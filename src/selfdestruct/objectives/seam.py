@@ -58,6 +58,7 @@ from selfdestruct.objectives.common import (
 Batch = dict[str, torch.Tensor]
 ESTIMATORS = ("forward", "central", "exact")
 COUPLINGS = ("gradient", "sign")
+BENIGN_DATA = ("tasks", "general", "both")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class SeamParams:
     coupling: str = "gradient"  # gradient: L_sd = cos(g_a, g_b) (paper) | sign: cos(sign g_a, g_b) (beyond the paper)
     official_masking: bool = False  # the published loss masks instead of the response-token labels
     benign_weight: float = 0.0  # γ, benign cross-entropy added to utility preservation (beyond the paper)
+    benign_data: str = "tasks"  # D_bgn: tasks (paper: instruction/answer pairs) | general (plain text) | both
     num_samples: int | None = None  # harmful/refusal pairs; None = the whole defense pool
     num_benign: int | None = None  # benign examples; None = as many as num_samples (the official code)
 
@@ -84,6 +86,7 @@ class SeamParams:
         check_number(self, "eps", low=0.0, low_open=True)
         check_choice(self, "estimator", ESTIMATORS)
         check_choice(self, "coupling", COUPLINGS)
+        check_choice(self, "benign_data", BENIGN_DATA)
         check_number(self, "num_samples", low=1, integer=True, optional=True)
         check_number(self, "num_benign", low=1, integer=True, optional=True)
 

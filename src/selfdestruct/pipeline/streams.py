@@ -190,11 +190,26 @@ def paired_streams(bundle: DataBundle, p, enc: Encoding) -> DefenseData:
                        expected={"harmful": n_pairs, "refusal": n_pairs})
 
 
+def general_text(examples: Sequence[Example]) -> list[Example]:
+    """The plain text of the alignment data (no prompt)."""
+    return [ex for ex in examples if ex.category == "general"]
+
+
+# SEAM's D_bgn by ``benign_data``: the benign tasks (paper), plain text, or both
+SEAM_BENIGN: dict[str, Callable[[Sequence[Example]], list[Example]]] = {
+    "tasks": benign_tasks, "general": general_text, "both": benign_or_general}
+
+
 def seam_streams(bundle: DataBundle, p, enc: Encoding) -> DefenseData:
-    """The paired stream and ``benign`` (``p.num_benign``; None: as many as pairs, as the official code)."""
+    """The paired stream and ``benign`` (``p.num_benign``; None: as many as pairs, as the official code), drawn
+    from the alignment data's part that ``p.benign_data`` names."""
     data = paired_streams(bundle, p, enc)
     n_benign = data.expected["harmful"] if p.num_benign is None else p.num_benign
-    data.streams["benign"] = enc.encoded(sample(benign_tasks(bundle.align), n_benign, enc.seed, "benign"))
+    pool = SEAM_BENIGN[p.benign_data](bundle.align)
+    if not pool:
+        raise UserError(f"defense.params.benign_data={p.benign_data!r}: the alignment data has no such examples "
+                        f"(choose one of {', '.join(SEAM_BENIGN)})")
+    data.streams["benign"] = enc.encoded(sample(pool, n_benign, enc.seed, "benign"))
     data.expected["benign"] = n_benign
     return data
 
