@@ -137,7 +137,8 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
         for w in workers:
             w.start()
         for w in workers:
-            w.join()
+            while w.is_alive():  # a timed join: a plain one blocks the main thread, so Ctrl-C would wait for it
+                w.join(timeout=0.1)
     except KeyboardInterrupt:  # Ctrl-C: the running commands get it too; start no new one
         with cond:
             interrupted.set()

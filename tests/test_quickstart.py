@@ -138,13 +138,14 @@ def test_ctrl_c_starts_no_new_command():
     qs, started = _quickstart(), []
 
     def interrupted_then_succeeds():
+        time.sleep(0.3)  # the main thread is now waiting on the workers (a race before the timed join)
         _thread.interrupt_main()  # as Ctrl-C would: the main thread, waiting on the workers, gets it
-        time.sleep(0.5)  # and this command, still running, then ends successfully
+        time.sleep(2.0)  # and this command, still running, then ends successfully
         return 0
 
     with pytest.raises(KeyboardInterrupt):
         qs.run_plan(TWO_CHAINS, 1, _recorder(started, interrupted_then_succeeds))
-    time.sleep(1.0)  # the worker finishes "a defend" and would take the next ready command now
+    time.sleep(2.5)  # the worker finishes "a defend" and would take the next ready command now
     assert started == ["a defend"]
 
 
