@@ -70,4 +70,7 @@ def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
            "environment": None, "defense_steps": 140, "utility": None, "no_win": 0, "cells": 0,
            "cos_heldout": None, "collapse_share_mean": None, "collapse_share_max": None}
     line = study.markdown([row]).splitlines()[-1]
-    assert "140 (stopped)" in line and "0/0 (grid unfinished)" in line
+    assert "140 (stopped)" in line and "0/0 (0) (grid unfinished)" in line and "| — |" in line
+    done = {**row, "defended": True, "no_win": 7, "cells": 9, "collapsed": 5, "kept_min": 0.2157, "kept_max": 1.012}
+    line = study.markdown([done]).splitlines()[-1]
+    assert "| 7/9 (5) |" in line and "| 0.22–1.01 |" in line and "stopped" not in line

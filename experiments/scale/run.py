@@ -147,7 +147,7 @@ def _mean(values: list[float]) -> float | None:
 def summarise(out: Path) -> list[dict]:
     """One row per (size, defense, seed) from the run directories under ``out``."""
     from selfdestruct.report.collect import collect, number
-    from selfdestruct.report.verdict import DEFENDER_WINS, build_report
+    from selfdestruct.report.verdict import COLLAPSED, DEFENDER_WINS, build_report
 
     rows = []
     for size_dir in sorted(p for p in out.iterdir() if p.is_dir() and p.name in SIZES):
@@ -168,6 +168,8 @@ def summarise(out: Path) -> list[dict]:
                 judged = cells.get((defense_dir.name, seed_dir.name), [])
                 ok = [j for j in judged if j.run.status == "ok"]
                 collapse = [v for j in ok if (v := number(j.run.post, "collapse_token_rate")) is not None]
+                kept = [post / pre for j in ok if (post := number(j.run.post, "utility")) is not None
+                        and (pre := number(j.run.pre, "utility"))]
                 rows.append({
                     "size": size_dir.name, "defense": defense_dir.name, "seed": seed,
                     "num_parameters": defend.get("num_parameters"), "defended": bool(defend),
@@ -176,6 +178,8 @@ def summarise(out: Path) -> list[dict]:
                     "utility": number(defend.get("pre"), "utility"),
                     "harmful_score": number(defend.get("pre"), "harmful_score"),
                     "no_win": sum(j.verdict in DEFENDER_WINS for j in ok), "cells": len(ok),
+                    "collapsed": sum(j.verdict == COLLAPSED for j in ok),
+                    "kept_min": min(kept, default=None), "kept_max": max(kept, default=None),
                     "cos_heldout": geometry.get("cos"), "cos_heldout_full": geometry.get("cos_full"),
                     "collapse_share_mean": _mean(collapse), "collapse_share_max": max(collapse, default=None),
                 })
@@ -193,16 +197,19 @@ def markdown(rows: list[dict]) -> str:
     seeds = len({r["seed"] for r in rows})
     lines = [f"Written by `python experiments/scale/run.py --summary-only` on {time.strftime('%Y-%m-%d')} from the "
              f"runs of {seeds} seeds; made with: {'; '.join(made) or 'unknown'}.", "",
-             "| size | parameters | defense | seed | defense steps | no-win | utility (pre-attack) "
+             "| size | parameters | defense | seed | defense steps | no-win (of which collapsed) "
+             "| utility (pre-attack) | utility after attack / pre (min–max cell) "
              "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        no_win = f"{r['no_win']}/{r['cells']}" + ("" if r["cells"] == 9 else " (grid unfinished)")
+        no_win = f"{r['no_win']}/{r['cells']} ({r.get('collapsed', 0)})" + ("" if r["cells"] == 9 else " (grid unfinished)")
         params = f"{r['num_parameters'] / 1e6:.1f} M" if r["num_parameters"] else "—"
         steps = "—" if r["defense_steps"] is None else str(r["defense_steps"])
         steps += "" if r["defended"] else " (stopped)"
+        kept = "—" if r.get("kept_min") is None else f"{r['kept_min']:.2f}–{r['kept_max']:.2f}"
         lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} "
-                     f"| {_f(r['utility'])} | {_f(r['cos_heldout'])} "
+                     f"| {_f(r['utility'])} | {kept} "
+                     f"| {_f(r['cos_heldout'])} "
                      f"| {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
     return "\n".join(lines) + "\n"
 
