@@ -1,13 +1,15 @@
 """The scale study's plan (experiments/scale/run.py): train lengths matched to the papers, per-size learning rates,
-a deadline that stops work, and a table that says what did not finish. Nothing trains here."""
+a deadline and Ctrl-C that stop work, and a table that says what did not finish. Nothing trains here."""
 
 from __future__ import annotations
 
+import _thread
 import importlib.util
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from selfdestruct.cli_common import CONF_DIR
@@ -74,3 +76,30 @@ def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
     done = {**row, "defended": True, "no_win": 7, "cells": 9, "collapsed": 5, "kept_min": 0.2157, "kept_max": 1.012}
     line = study.markdown([done]).splitlines()[-1]
     assert "| 7/9 (5) |" in line and "| 0.22–1.01 |" in line and "stopped" not in line
+
+
+def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):
+    study = _study()
+    run = study.Runner(jobs=1, deadline=time.time() + 60, env=None)
+    run.stop()
+    assert run(["-c", "print('never')"], tmp_path / "never.log") is False and not (tmp_path / "never.log").exists()
+
+    started = []
+
+    class Interrupted(study.Runner):
+        """Records each command; the first one is interrupted by Ctrl-C while it runs, then ends successfully."""
+
+        def __call__(self, args, log):
+            if self.stopped.is_set():
+                return False
+            started.append(log.name)
+            if len(started) == 1:
+                time.sleep(0.3)  # the main thread is waiting on the study's threads by now
+                _thread.interrupt_main()
+                time.sleep(2.0)
+            return True
+
+    with pytest.raises(KeyboardInterrupt):
+        study.run_all(tmp_path, ["tiny"], [0], ["sft", "seam"], 1, 600, [], runner=Interrupted)
+    time.sleep(2.5)  # SFT's defend has ended; without the stop its geometry, grid and SEAM's stages would start
+    assert started == ["defend.log"]

@@ -61,17 +61,22 @@ def size_overrides(size: str) -> list[str]:
 
 
 class Runner:
-    """Runs commands ``jobs`` at once and not past the deadline; logs each to a file."""
+    """Runs commands ``jobs`` at once, not past the deadline and none after :meth:`stop`; logs each to a file."""
 
     def __init__(self, jobs: int, deadline: float, env: dict) -> None:
         self.slots = threading.Semaphore(jobs)
         self.deadline = deadline
         self.env = env
+        self.stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Start no new command (Ctrl-C: the running ones get the interrupt themselves)."""
+        self.stopped.set()
 
     def __call__(self, args: list[str], log: Path) -> bool:
         with self.slots:
             left = self.deadline - time.time()
-            if left <= 0:
+            if left <= 0 or self.stopped.is_set():
                 return False
             log.parent.mkdir(parents=True, exist_ok=True)
             name = "/".join(log.parts[-4:])
@@ -107,10 +112,10 @@ def measure(run: Runner, out: Path, size: str, seed: int, defense: str, extra: l
 
 
 def run_all(out: Path, sizes: list[str], seeds: list[int], defenses: list[str], jobs: int, deadline_s: float,
-            extra: list[str]) -> None:
+            extra: list[str], runner=Runner) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "SELFDESTRUCT_CACHE": os.environ.get("SELFDESTRUCT_CACHE", str(out / "cache"))}
-    run = Runner(jobs, time.time() + deadline_s, env)
+    run = runner(jobs, time.time() + deadline_s, env)
 
     def per_seed(size: str, seed: int) -> None:
         # SFT first: it builds the pre-trained and aligned models every defense starts from
@@ -126,11 +131,16 @@ def run_all(out: Path, sizes: list[str], seeds: list[int], defenses: list[str], 
             t.join()
 
     threads = [threading.Thread(target=per_seed, args=(size, seed)) for size in sizes for seed in seeds]
-    for t in threads:  # started in order, so the first sizes take the first slots
-        t.start()
-        time.sleep(0.2)
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:  # started in order, so the first sizes take the first slots
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            while t.is_alive():  # a timed join, so that Ctrl-C reaches this thread at once
+                t.join(timeout=0.1)
+    except KeyboardInterrupt:
+        run.stop()
+        raise
 
 
 def last_defense_step(run_dir: Path) -> int | None:
