@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -30,3 +36,28 @@ def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> Dic
 def config_options(group: str) -> list[str]:
     """Every option of a config group, by file name."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@contextmanager
+def ctrl_c_noted() -> Iterator[threading.Event]:
+    """Python's own Ctrl-C handler for the duration, and an event set once the main thread has run it."""
+    seen = threading.Event()
+
+    def on_sigint(signum, frame):
+        seen.set()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def press_ctrl_c(seen: threading.Event) -> None:
+    """From a worker thread, while its command runs: once the main thread waits on the workers, Ctrl-C as a user
+    would press it; return (the command then ends) only after the main thread has taken it."""
+    time.sleep(0.3)
+    _thread.interrupt_main()
+    assert seen.wait(10), "the main thread did not take Ctrl-C while a command ran"
+    time.sleep(0.5)

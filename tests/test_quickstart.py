@@ -4,10 +4,8 @@ Commands are recorded instead of run, so nothing trains here."""
 
 from __future__ import annotations
 
-import _thread
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ctrl_c_noted, press_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,26 +135,16 @@ def test_each_command_is_timed_for_the_demos_timeline():
 
 
 def test_ctrl_c_starts_no_new_command():
-    qs, started, seen = _quickstart(), [], threading.Event()
-
-    def on_sigint(signum, frame):  # Python's own Ctrl-C handler, which also notes when the main thread ran it
-        seen.set()
-        signal.default_int_handler(signum, frame)
+    qs, started = _quickstart(), []
 
     def interrupted_then_succeeds():
-        time.sleep(0.3)  # the main thread is now waiting on the workers
-        _thread.interrupt_main()  # as Ctrl-C would: the main thread, waiting on the workers, must get it now
-        assert seen.wait(10), "the main thread did not take Ctrl-C while a command ran"
-        time.sleep(0.5)  # then this command, still running, ends successfully
+        press_ctrl_c(seen)  # the main thread, waiting on the workers, takes it while this command runs
         return 0
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with ctrl_c_noted() as seen:
         with pytest.raises(KeyboardInterrupt):
             qs.run_plan(TWO_CHAINS, 1, _recorder(started, interrupted_then_succeeds))
         time.sleep(1.5)  # the worker finishes "a defend" and would take the next ready command now
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert started == ["a defend"]
 
 

@@ -3,16 +3,14 @@ a deadline and Ctrl-C that stop work, and a table that says what did not finish.
 
 from __future__ import annotations
 
-import _thread
 import importlib.util
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ctrl_c_noted, press_ctrl_c
 
 from selfdestruct.cli_common import CONF_DIR
 
@@ -86,11 +84,7 @@ def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):
     run.stop()
     assert run(["-c", "print('never')"], tmp_path / "never.log") is False and not (tmp_path / "never.log").exists()
 
-    started, seen = [], threading.Event()
-
-    def on_sigint(signum, frame):  # Python's own Ctrl-C handler, which also notes when the main thread ran it
-        seen.set()
-        signal.default_int_handler(signum, frame)
+    started = []
 
     class Interrupted(study.Runner):
         """Records each command; the first one is interrupted by Ctrl-C while it runs, then ends successfully."""
@@ -100,17 +94,11 @@ def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):
                 return False
             started.append(log.name)
             if len(started) == 1:
-                time.sleep(0.3)  # the main thread is waiting on the study's threads by now
-                _thread.interrupt_main()
-                assert seen.wait(10), "the main thread did not take Ctrl-C while a stage ran"
-                time.sleep(0.5)
+                press_ctrl_c(seen)
             return True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with ctrl_c_noted() as seen:
         with pytest.raises(KeyboardInterrupt):
             study.run_all(tmp_path, ["tiny"], [0], ["sft", "seam"], 1, 600, [], runner=Interrupted)
         time.sleep(1.5)  # SFT's defend has ended; without the stop its geometry, grid and SEAM's stages would start
-    finally:
-        signal.signal(signal.SIGINT, previous)
     assert started == ["defend.log"]
