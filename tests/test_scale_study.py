@@ -76,6 +76,34 @@ def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
     done = {**row, "defended": True, "no_win": 7, "cells": 9, "collapsed": 5, "kept_min": 0.2157, "kept_max": 1.012}
     line = study.markdown([done]).splitlines()[-1]
     assert "| 7/9 (5) |" in line and "| 0.22–1.01 |" in line and "stopped" not in line
+    assert line.endswith("| — / — | —; — |")  # no benign fine-tune, no training curves logged
+    more = {**done, "benign_accuracy": 0.984, "benign_utility": 0.9416, "cos_train": (0.0012, 0.026),
+            "ce_harmful_train": (9.44, 35.87)}
+    assert study.markdown([more]).splitlines()[-1].endswith("| 0.984 / 0.942 | 0.001 → 0.026; 9.4 → 35.9 |")
+
+
+def test_each_released_model_gets_the_geometry_the_grid_and_a_benign_fine_tune_of_the_same_config(tmp_path):
+    study = _study()
+    calls = []
+    study.measure(lambda args, log: calls.append((args, log.name)) or True, tmp_path, "medium", 2, "seam", ["x=1"])
+    assert [log for _, log in calls] == ["geometry.log", "grid.log", "benign.log"]
+    common = study.stage_args(tmp_path, "medium", 2, "seam", ["x=1"])[1]
+    grid, benign = calls[1][0], calls[2][0]
+    assert grid[:3] == ["-m", "selfdestruct.attack", "sweep=attack_grid"] and grid[3:-1] == common
+    assert benign[:4] == ["-m", "selfdestruct.attack", "attack=benign", "model_path=defend"]
+    assert benign[4:-1] == common and benign[-1] == f"hydra.run.dir={tmp_path / 'medium' / 'seam' / 's2' / 'benign'}"
+    assert "defense.optim.epochs=13" in common and "seed=2" in common  # the matched-length model, not another one
+
+
+def test_training_curve_means_the_first_and_last_steps_and_a_resumed_step_counts_once(tmp_path):
+    study = _study()
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    rows = [f",{0.1 * k:.1f},{k}" for k in range(6)] + [",9.0,4", ",0.5,5"]  # steps 4, 5 logged again after a resume
+    (csv_dir / "metrics.csv").write_text("align/loss,defense/cos,step\n0.3,,99\n" + "\n".join(rows) + "\n")
+    first, last = study.training_curve(tmp_path, "defense/cos", window=2)
+    assert first == pytest.approx((0.0 + 0.1) / 2) and last == pytest.approx((9.0 + 0.5) / 2)
+    assert study.training_curve(tmp_path, "defense/ce_harmful") is None
 
 
 def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):

@@ -6,10 +6,12 @@
 
 For each model size (conf/model) and seed: the SFT-aligned model and the paper-default SEAM and CTRAP
 (conf/defense/seam.yaml, ctrap.yaml), each trained for as many optimiser steps as its paper ran (below), then the
-3 x 3 ``attack_grid`` against each, and the geometry of each released model on held-out data
-(experiments/nowin/geometry.py). The table (OUT/summary.md, OUT/summary.json) gives per size, defense and seed:
-no-win count, pre-attack utility, held-out cos(g_a, g_b) and the share of the collapse token in the answers to
-harmful prompts after the attacks (mean over the grid's cells and the largest cell).
+3 x 3 ``attack_grid`` against each, the geometry of each released model on held-out data
+(experiments/nowin/geometry.py) and a benign fine-tune of it (``attack=benign``). The table (OUT/summary.md,
+OUT/summary.json) gives per size, defense and seed: no-win count (and how many of those cells collapsed),
+pre-attack utility, held-out cos(g_a, g_b), the share of the collapse token in the answers to harmful prompts after
+the attacks (mean over the grid's cells and the largest cell), and the benign task's accuracy and the utility after
+the benign fine-tune.
 
 Train length matched to the papers' optimiser steps (the synthetic world's defense pool holds 600 prompts):
 - SEAM published: 8000 prompts, batch 4, 1 epoch = 2000 steps; here 600 / 4 = 150 steps an epoch, 13 epochs = 1950.
@@ -103,12 +105,15 @@ def defend(run: Runner, out: Path, size: str, seed: int, defense: str, extra: li
 
 
 def measure(run: Runner, out: Path, size: str, seed: int, defense: str, extra: list[str]) -> None:
-    """The geometry of the released model, then the attack grid against it."""
+    """The geometry of the released model, the attack grid against it, then a benign fine-tune of it."""
     where, common = stage_args(out, size, seed, defense, extra)
     run(["experiments/nowin/geometry.py", str(where / "defend" / "model"), "--pairs", "8",
          "--json", str(where / "geometry.json")], where / "geometry.log")
     run(["-m", "selfdestruct.attack", "sweep=attack_grid", *common, f"hydra.sweep.dir={where / 'grid'}"],
         where / "grid.log")
+    # a legitimate user's fine-tune (attack=benign): a defense that collapses under it is no defense
+    run(["-m", "selfdestruct.attack", "attack=benign", "model_path=defend", *common,
+         f"hydra.run.dir={where / 'benign'}"], where / "benign.log")
 
 
 def run_all(out: Path, sizes: list[str], seeds: list[int], defenses: list[str], jobs: int, deadline_s: float,
@@ -150,6 +155,21 @@ def last_defense_step(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def training_curve(run_dir: Path, key: str, window: int = 150) -> tuple[float, float] | None:
+    """Mean of ``key`` (a defense stat, e.g. ``defense/cos``) over the first and the last ``window`` logged steps of
+    the defense stage (CSV), or None where it was not logged. A resumed run logs its steps once per attempt: the
+    last value logged for a step counts."""
+    values: dict[int, float] = {}
+    for path in sorted(run_dir.glob("csv/*.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("step") and row.get(key):
+                values[int(row["step"])] = float(row[key])
+    if not values:
+        return None
+    series = [values[k] for k in sorted(values)]
+    return statistics.fmean(series[:window]), statistics.fmean(series[-window:])
+
+
 def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -165,8 +185,8 @@ def summarise(out: Path) -> list[dict]:
         report = build_report([size_dir], runs)
         cells: dict[tuple[str, str], list] = {}  # (defense dir, seed dir) -> judged attack runs
         for item in report.judged:
-            if item.run.stage == "attack":
-                parts = item.run.path.relative_to(size_dir).parts
+            parts = item.run.path.relative_to(size_dir).parts
+            if item.run.stage == "attack" and len(parts) > 3 and parts[2] == "grid":  # not the benign fine-tune
                 cells.setdefault((parts[0], parts[1]), []).append(item)
         for defense_dir in sorted(p for p in size_dir.iterdir() if p.is_dir()):
             for seed_dir in sorted(defense_dir.glob("s*")):
@@ -175,6 +195,8 @@ def summarise(out: Path) -> list[dict]:
                     if (seed_dir / "defend" / "metrics.json").exists() else {}
                 geometry = json.loads((seed_dir / "geometry.json").read_text())[0] \
                     if (seed_dir / "geometry.json").exists() else {}
+                benign = json.loads((seed_dir / "benign" / "metrics.json").read_text()).get("post", {}) \
+                    if (seed_dir / "benign" / "metrics.json").exists() else {}
                 judged = cells.get((defense_dir.name, seed_dir.name), [])
                 ok = [j for j in judged if j.run.status == "ok"]
                 collapse = [v for j in ok if (v := number(j.run.post, "collapse_token_rate")) is not None]
@@ -192,12 +214,19 @@ def summarise(out: Path) -> list[dict]:
                     "kept_min": min(kept, default=None), "kept_max": max(kept, default=None),
                     "cos_heldout": geometry.get("cos"), "cos_heldout_full": geometry.get("cos_full"),
                     "collapse_share_mean": _mean(collapse), "collapse_share_max": max(collapse, default=None),
+                    "benign_accuracy": number(benign, "task_accuracy"), "benign_utility": number(benign, "utility"),
+                    "cos_train": training_curve(seed_dir / "defend", "defense/cos"),
+                    "ce_harmful_train": training_curve(seed_dir / "defend", "defense/ce_harmful"),
                 })
     return rows
 
 
 def _f(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _curve(pair, digits: int = 3) -> str:
+    return "—" if not pair else f"{_f(pair[0], digits)} → {_f(pair[1], digits)}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -209,8 +238,10 @@ def markdown(rows: list[dict]) -> str:
              f"runs of {seeds} seeds; made with: {'; '.join(made) or 'unknown'}.", "",
              "| size | parameters | defense | seed | defense steps | no-win (of which collapsed) "
              "| utility (pre-attack) | utility after attack / pre (min–max cell) "
-             "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) "
+             "| benign fine-tune: task accuracy / utility after "
+             "| on its training batches, first → last 150 steps: cos(g_a, g_b); harmful CE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         no_win = f"{r['no_win']}/{r['cells']} ({r.get('collapsed', 0)})" + ("" if r["cells"] == 9 else " (grid unfinished)")
         params = f"{r['num_parameters'] / 1e6:.1f} M" if r["num_parameters"] else "—"
@@ -220,7 +251,9 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['size']} | {params} | {r['defense']} | {r['seed']} | {steps} | {no_win} "
                      f"| {_f(r['utility'])} | {kept} "
                      f"| {_f(r['cos_heldout'])} "
-                     f"| {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} |")
+                     f"| {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} "
+                     f"| {_f(r.get('benign_accuracy'))} / {_f(r.get('benign_utility'))} "
+                     f"| {_curve(r.get('cos_train'))}; {_curve(r.get('ce_harmful_train'), 1)} |")
     return "\n".join(lines) + "\n"
 
 

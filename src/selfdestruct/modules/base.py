@@ -61,6 +61,7 @@ class CausalLMModule(pl.LightningModule):
         log_prefix: str = "train",
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -73,6 +74,8 @@ class CausalLMModule(pl.LightningModule):
         self.log_prefix = log_prefix
         self.optimizer_name = optimizer
         self.momentum = momentum
+        self.ema_decay = ema_decay
+        self.ema: list[torch.Tensor] | None = None  # the running average of the trainable parameters (ema_decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -87,10 +90,27 @@ class CausalLMModule(pl.LightningModule):
 
     def extra_state(self) -> dict:
         """What a step depends on beyond weights, optimiser and schedule (saved with every checkpoint)."""
-        return {}
+        return {} if self.ema is None else {"ema": [t.detach().cpu() for t in self.ema]}
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` when a fit resumes from a checkpoint."""
+        if self.ema_decay is not None and state.get("ema") is not None:
+            self.ema = [t.to(p.device) for t, p in zip(state["ema"], self.trainable_parameters())]
+
+    def update_ema(self) -> None:
+        """w̄ ← d·w̄ + (1 − d)·w over the trainable parameters after an optimiser step (w̄ = w after the first)."""
+        params = [p.detach() for p in self.trainable_parameters()]
+        if self.ema is None:
+            self.ema = [p.clone() for p in params]
+        else:
+            torch._foreach_lerp_(self.ema, params, 1.0 - self.ema_decay)
+
+    def on_train_end(self) -> None:
+        """With ``ema_decay``, the stage releases the average: it replaces the trainable parameters."""
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, avg in zip(self.trainable_parameters(), self.ema):
+                    p.copy_(avg)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["selfdestruct"] = self.extra_state()
@@ -116,6 +136,8 @@ class CausalLMModule(pl.LightningModule):
         if self.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
+        if self.ema_decay is not None:
+            self.update_ema()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()

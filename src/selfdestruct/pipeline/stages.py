@@ -95,7 +95,8 @@ def _single_stream(examples, tokenizer, optim: OptimConfig, fmt: PromptFormat, s
 
 def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:
     return SFTModule(model, lr=optim.lr, weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
-                     schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, log_prefix=prefix)
+                     schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, log_prefix=prefix,
+                     ema_decay=optim.ema_decay)
 
 
 def _sft_and_save(ctx: StageContext, model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
@@ -116,7 +117,7 @@ def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig)
         raise UserError("a model built from config (model=tiny|micro) is pre-trained on the synthetic world; this "
                         "data source has no pre-training text: use model=hf model.path=DIR for real data")
     key = {"stage": "base", "version": CACHE_VERSION, "data": ctx.data_key, "arch": dataclasses.asdict(arch),
-           "optim": dataclasses.asdict(optim), "seed": ctx.seed, "template": ctx.fmt.template,
+           "optim": optim.cache_key(), "seed": ctx.seed, "template": ctx.fmt.template,
            "fast_dev_run": ctx.trainer.fast_dev_run}
 
     def build(out: Path) -> None:
@@ -134,7 +135,7 @@ def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig)
 def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig) -> Path:
     """Safety alignment (SFT on refusals plus benign answers) of ``base_dir``, cached by its configuration."""
     key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": ctx.data_key,
-           "optim": dataclasses.asdict(optim), "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
+           "optim": optim.cache_key(), "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
 
     def build(out: Path) -> None:
         pl.seed_everything(ctx.seed, workers=True, verbose=False)
@@ -167,7 +168,7 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     Its provenance records the defense and the aligned model's own evaluation (the no-win criterion's
     reference), so an attack on it needs nothing else.
     """
-    optim = dataclasses.asdict(defense.optim) if defense.optim else None
+    optim = defense.optim.cache_key() if defense.optim else None
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
            "label": defense.display_name,
            "params": defense.params, "optim": optim, "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
@@ -200,7 +201,7 @@ def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, 
     module = AttackModule(model, lr=attack.lr, kind=attack.data, lora=attack.lora,
                           weight_decay=attack.weight_decay, warmup_ratio=attack.warmup_ratio,
                           schedule=attack.schedule, max_grad_norm=attack.max_grad_norm,
-                          optimizer=attack.optimizer, momentum=attack.momentum)
+                          optimizer=attack.optimizer, momentum=attack.momentum, ema_decay=attack.ema_decay)
     datamodule = _single_stream(examples, tokenizer, attack, fmt, seed)
     trainer = fit(module, datamodule, trainer_cfg, attack.epochs, loggers, run_dir, ckpt_dir=run_dir / "checkpoints",
                   ckpt_key=ckpt_key)

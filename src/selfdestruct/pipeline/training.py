@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
-from selfdestruct.errors import check_choice, check_number
+from selfdestruct.errors import FieldError, check_choice, check_number
 from selfdestruct.models.io import LoadOptions
 from selfdestruct.modules.base import SCHEDULES
 from selfdestruct.utils.io import write_json_atomic
@@ -43,9 +44,21 @@ class OptimConfig:
     schedule: str = "constant"
     max_grad_norm: float | None = None
     max_length: int = 96
+    # The weights a stage releases: null = the last iterate; a decay d in (0, 1) = the exponential moving average
+    # of the iterates, w̄ ← d·w̄ + (1 − d)·w after every optimiser step (w̄ = w after the first), over about the last
+    # 1/(1 − d) steps (of the trainable parameters; the rest do not move).
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         check_optim_fields(self)
+
+    def cache_key(self) -> dict[str, Any]:
+        """The fields that identify what a stage builds: all of them, less ``ema_decay`` while it is off, so that
+        the entries cached before the field existed keep their keys."""
+        fields = dataclasses.asdict(self)
+        if fields["ema_decay"] is None:
+            del fields["ema_decay"]
+        return fields
 
 
 def check_optim_fields(cfg) -> None:
@@ -58,6 +71,9 @@ def check_optim_fields(cfg) -> None:
     check_choice(cfg, "schedule", SCHEDULES)
     check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
     check_number(cfg, "max_length", low=2, integer=True)
+    check_number(cfg, "ema_decay", low=0.0, low_open=True, optional=True)
+    if cfg.ema_decay is not None and cfg.ema_decay >= 1:
+        raise FieldError("ema_decay", cfg.ema_decay, "expected a finite number > 0 and < 1 or null")
 
 
 @dataclass(frozen=True)
