@@ -233,13 +233,15 @@ def _defense_entry(cache: Path, method: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    # SEAM: 24 pairs -> 6 steps an epoch of 4, two epochs; checkpoints at steps 4 and 8 (mid-epoch)
-    ["defense=seam", "defense.params.num_samples=24", "defense.optim.epochs=2", "trainer.checkpoint_every_n_steps=4"],
+    # SEAM: 24 pairs -> 6 steps an epoch of 4, two epochs; checkpoints at steps 4 and 8 (mid-epoch); the released
+    # weights the moving average of the iterates (its running average is state too)
+    ["defense=seam", "defense.params.num_samples=24", "defense.optim.epochs=2", "trainer.checkpoint_every_n_steps=4",
+     "defense.optim.ema_decay=0.7"],
     # CTRAP with the Adam look-ahead (its second moment is state): harmful 20 (2 batches of 10) and retain 20 pairs
     # (4 batches of 5): 4 steps an epoch, three epochs; checkpoints every 3 steps
     ["defense=ctrap", "defense.params.lookahead=adam", "defense.params.num_samples=20", "defense.params.num_align=20",
      "defense.optim.epochs=3", "trainer.checkpoint_every_n_steps=3"],
-], ids=["seam", "ctrap-adam"])
+], ids=["seam-ema", "ctrap-adam"])
 def test_defenses_resume_exactly_after_sigkill(overrides, uninterrupted, tmp_path):
     cache = uninterrupted["cache"]
     _run(_command("defend", overrides, tmp_path / "fresh", cache))
