@@ -195,3 +195,23 @@ def test_paper_attack_sweeps_run_one_cell(sweep, cell, expected, defended, tmp_p
     else:
         assert (attack_cfg["batch_size"], attack_cfg["weight_decay"], attack_cfg["schedule"]) == (4, 0.01, "cosine")
         assert composed["eval"]["max_new_tokens"] == 50
+
+
+def test_a_capped_run_never_fills_the_cache_entry_another_length_reads(tmp_path):
+    from selfdestruct.pipeline.stages import length_key
+    from selfdestruct.pipeline.training import TrainerConfig
+
+    cache = tmp_path / "cache"
+    base = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",
+            f"paths.cache_dir={cache}", "defense=seam", "defense.params.num_samples=8"]
+    built = []
+    for steps in (2, 3, 3):
+        defend(compose_config("defend", [*base, f"trainer.max_steps={steps}"], tmp_path / f"run{len(built)}"))
+        built.append({kind: len(list((cache / kind).glob("*/key.json"))) for kind in ("base", "align", "defend")})
+    # 3 steps is another model than 2 steps at every stage; the same cap again is a cache hit
+    assert built == [{"base": 1, "align": 1, "defend": 1}, {"base": 2, "align": 2, "defend": 2},
+                     {"base": 2, "align": 2, "defend": 2}]
+    steps = [json.loads(p.read_text()).get("max_steps") for p in sorted((cache / "align").glob("*/key.json"))]
+    assert sorted(steps) == [2, 3]
+    # an uncapped run's key is what it was before the cap was part of it, so existing caches stay valid
+    assert length_key(TrainerConfig()) == {"fast_dev_run": False}

@@ -111,6 +111,15 @@ def _sft_and_save(ctx: StageContext, model, tokenizer, examples: list[Example], 
                                                             "key": key})
 
 
+def length_key(trainer: TrainerConfig) -> dict[str, Any]:
+    """How the trainer caps a stage's length, for its cache key: ``fast_dev_run`` always, ``max_steps`` when it caps,
+    so that a capped run never fills the entry a full run reads (the keys of uncapped runs are as they were)."""
+    key: dict[str, Any] = {"fast_dev_run": trainer.fast_dev_run}
+    if trainer.max_steps != -1:
+        key["max_steps"] = trainer.max_steps
+    return key
+
+
 def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig) -> Path:
     """The pre-trained base model (tokenizer included), built once per configuration and cached."""
     if not ctx.bundle.pretrain:
@@ -118,7 +127,7 @@ def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig)
                         "data source has no pre-training text: use model=hf model.path=DIR for real data")
     key = {"stage": "base", "version": CACHE_VERSION, "data": ctx.data_key, "arch": dataclasses.asdict(arch),
            "optim": optim.cache_key(), "seed": ctx.seed, "template": ctx.fmt.template,
-           "fast_dev_run": ctx.trainer.fast_dev_run}
+           **length_key(ctx.trainer)}
 
     def build(out: Path) -> None:
         pl.seed_everything(ctx.seed, workers=True, verbose=False)
@@ -135,7 +144,7 @@ def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig)
 def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig) -> Path:
     """Safety alignment (SFT on refusals plus benign answers) of ``base_dir``, cached by its configuration."""
     key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": ctx.data_key,
-           "optim": optim.cache_key(), "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
+           "optim": optim.cache_key(), "seed": ctx.seed, **length_key(ctx.trainer)}
 
     def build(out: Path) -> None:
         pl.seed_everything(ctx.seed, workers=True, verbose=False)
@@ -171,7 +180,7 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     optim = defense.optim.cache_key() if defense.optim else None
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
            "label": defense.display_name,
-           "params": defense.params, "optim": optim, "seed": ctx.seed, "fast_dev_run": ctx.trainer.fast_dev_run}
+           "params": defense.params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
 
     def build(out: Path) -> None:
         pl.seed_everything(ctx.seed, workers=True, verbose=False)
