@@ -29,9 +29,11 @@ def _is_number(value: Any) -> bool:
 
 
 def check_number(obj: Any, field: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, integer: bool = False, optional: bool = False) -> None:
-    """``obj.field`` is a finite number (an integer with ``integer``) within [low, high] ((low, high] with
-    ``low_open``); None passes when ``optional``. Raises :class:`FieldError` naming the field and the range."""
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 optional: bool = False) -> None:
+    """``obj.field`` is a finite number (an integer with ``integer``) within [low, high] (an open end with
+    ``low_open`` / ``high_open``); None passes when ``optional``. Raises :class:`FieldError` naming the field and
+    the range."""
     value = getattr(obj, field)
     if value is None and optional:
         return
@@ -40,13 +42,13 @@ def check_number(obj: Any, field: str, *, low: float | None = None, high: float 
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low:g}")
     if high is not None:
-        bounds.append(f"<= {high:g}")
+        bounds.append(f"{'<' if high_open else '<='} {high:g}")
     expected = kind + (" " + " and ".join(bounds) if bounds else "") + (" or null" if optional else "")
     if not _is_number(value) or (integer and not float(value).is_integer()) or not math.isfinite(float(value)):
         raise FieldError(field, value, f"expected {expected}")
     if low is not None and (value <= low if low_open else value < low):
         raise FieldError(field, value, f"expected {expected}")
-    if high is not None and value > high:
+    if high is not None and (value >= high if high_open else value > high):
         raise FieldError(field, value, f"expected {expected}")
 
 

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
-from selfdestruct.errors import FieldError, check_choice, check_number
+from selfdestruct.errors import check_choice, check_number
 from selfdestruct.models.io import LoadOptions
 from selfdestruct.modules.base import SCHEDULES
 from selfdestruct.utils.io import write_json_atomic
@@ -71,9 +71,7 @@ def check_optim_fields(cfg) -> None:
     check_choice(cfg, "schedule", SCHEDULES)
     check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
     check_number(cfg, "max_length", low=2, integer=True)
-    check_number(cfg, "ema_decay", low=0.0, low_open=True, optional=True)
-    if cfg.ema_decay is not None and cfg.ema_decay >= 1:
-        raise FieldError("ema_decay", cfg.ema_decay, "expected a finite number > 0 and < 1 or null")
+    check_number(cfg, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
 
 
 @dataclass(frozen=True)
