@@ -8,7 +8,8 @@ alignment every defense starts from (``selfdestruct.defend defense=sft`` into ``
 torch threads: nothing else can run before the aligned model exists; that run stays out of the comparison, whose
 runs all use one thread). Then one chain per defense, every stage after the first a cache hit:
 
-1. ``selfdestruct.defend defense=D``;
+1. ``selfdestruct.defend defense=D trainer.branch_threads=JOBS`` (CTRAP's radii on ``--jobs`` threads, the same
+   step bit for bit);
 2. ``selfdestruct.attack sweep=attack_grid defense=D`` — the 3 × 3 grid of learning rate × number of harmful
    samples on that defended model;
 3. a benign fine-tune of the defended model;
@@ -35,8 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
-# The costliest first: with two jobs, CTRAP trains while SEAM and SFT are defended and attacked, then its grid
-# and its benign fine-tune run side by side.
+# The costliest first: with two jobs, CTRAP trains (its radii on two threads) while SEAM and SFT are defended and
+# attacked, then its grid and its benign fine-tune run side by side.
 DEFAULT_DEFENSES = ("ctrap_tuned", "seam_tuned", "sft")
 COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accuracy")
 
@@ -87,10 +88,12 @@ def basic(out: Path, common: list[str]) -> None:
     print("\n" + before_after_table(rows))
 
 
-def chain(out: Path, defense: str, common: list[str]) -> list[list[str]]:
-    """One defense's commands, in order: defend, its attack grid, its benign fine-tune."""
+def chain(out: Path, defense: str, common: list[str], jobs: int = 1) -> list[list[str]]:
+    """One defense's commands, in order: defend (the independent branches of its steps on ``jobs`` threads: CTRAP's
+    radii, bit-for-bit as on one), its attack grid, its benign fine-tune."""
     return [
-        ["-m", "selfdestruct.defend", f"defense={defense}", f"hydra.run.dir={out / 'defend' / defense}", *common],
+        ["-m", "selfdestruct.defend", f"defense={defense}", f"hydra.run.dir={out / 'defend' / defense}",
+         f"trainer.branch_threads={max(jobs, 1)}", *common],
         ["-m", "selfdestruct.attack", "sweep=attack_grid", f"defense={defense}",
          f"hydra.sweep.dir={out / 'grid' / defense}", *common],
         ["-m", "selfdestruct.attack", "model_path=defend", "attack=benign", f"defense={defense}",
@@ -163,7 +166,7 @@ def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
         run(shared_stages(out, common), check=False, env=torch_threads(jobs))
     # One torch thread per command, so that ``jobs`` commands share the cores without oversubscribing them.
     env = torch_threads(1) if jobs > 1 else None
-    failed = run_plan([chain(out, d, common) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
+    failed = run_plan([chain(out, d, common, jobs) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())

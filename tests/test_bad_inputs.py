@@ -76,6 +76,10 @@ BAD_DEFEND = [
     (["defense=ctrap", "defense.params.lam=abc"], "defense.params.lam='abc'"),
     (["align.warmup_ratio=2"], "align.warmup_ratio=2"),
     (["pretrain.schedule=step"], "pretrain.schedule='step'"),
+    (["trainer.branch_threads=0"], "trainer.branch_threads=0"),
+    (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.precision=bf16-mixed"],
+     "trainer.branch_threads=2 runs a step's branches as threads of one process in fp32"),
+    (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.devices=2"], "needs trainer.precision=32-true"),
 ]
 
 

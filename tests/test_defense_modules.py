@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -313,6 +314,36 @@ def test_apply_defense_trains_logs_sizes_and_returns_the_model(name, mode, token
     # step although the trainer config says log_every_n_steps=50
     assert len(rows) == math.ceil(max(expected.values()) / 4) == (2 if name == "seam" else 4)
     assert all(math.isfinite(float(r["defense/loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_branch_threads_train_the_same_ctrap_model_bit_for_bit(adapter, tokenizer, tmp_path, caplog):
+    """trainer.branch_threads=2 (CTRAP's three radii on two threads, a model copy for the second) through the
+    Lightning fit: the released weights equal the one-thread run's exactly, and the log says what ran."""
+    optim = OptimConfig(lr=1e-3, batch_size=4, epochs=1)
+    params = {"num_samples": 8, "num_align": 8, "data": "align_general", "adapter": adapter, "radii": [0.05, 0.1, 0.2],
+              "unroll_steps": 2, "collapse_at": "every", "lookahead": "sign", "normalize_step": False}
+    released = []
+    for threads in (1, 2):
+        ctx = dataclasses.replace(_ctx(tmp_path / str(threads)), trainer=dataclasses.replace(FAST, branch_threads=threads))
+        with caplog.at_level(logging.INFO, logger="selfdestruct.pipeline.defense"):
+            out = apply_defense(_tiny_model(tokenizer), tokenizer, ctx, "ctrap", params, optim)
+        released.append({k: v.clone() for k, v in out.state_dict().items()})
+    assert "trainer.branch_threads=2: ctrap runs each step on 2 threads" in caplog.text
+    one, two = released
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(one[k], v) for k, v in _tiny_model(tokenizer).state_dict().items() if k in one)
+
+
+def test_branch_threads_on_a_defense_without_branches_say_so(tokenizer, tmp_path, caplog):
+    ctx = dataclasses.replace(_ctx(tmp_path), trainer=dataclasses.replace(FAST, branch_threads=2))
+    with caplog.at_level(logging.INFO, logger="selfdestruct.pipeline.defense"):
+        apply_defense(_tiny_model(tokenizer), tokenizer, ctx, "seam", {"num_samples": 8, "beta": 1.0},
+                      OptimConfig(lr=1e-3, batch_size=4, epochs=1))
+    assert "seam runs each step on 1 thread (no independent branches)" in caplog.text
+    with pytest.raises(UserError, match=r"trainer.branch_threads=2 with defense=ctrap: .*first_order"):
+        apply_defense(_tiny_model(tokenizer), tokenizer, ctx, "ctrap",
+                      {"gradient": "exact", "radii": [0.1, 0.2], "adapter": "full"}, OptimConfig(lr=1e-3, batch_size=4))
 
 
 def test_apply_defense_lets_a_nan_out_before_anything_is_saved(tokenizer, tmp_path):

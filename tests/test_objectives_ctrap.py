@@ -27,6 +27,7 @@ from selfdestruct.objectives.ctrap import (
     collapse_token_id,
     ctrap_step,
     lookahead_step,
+    make_replicas,
 )
 
 torch.set_num_threads(1)
@@ -201,6 +202,63 @@ def test_weights_are_restored_bit_for_bit(batches, options):
     assert all(math.isfinite(v) for v in stats.values())
     if options.get("measure_lookahead"):
         assert stats["loss_harmful_lookahead"] < stats["loss_harmful"]
+
+
+CONCURRENT = [
+    {"radii": [0.1, 0.3]},
+    {"radii": [0.05, 0.1, 0.3], "unroll_steps": 3, "collapse_at": "every", "lookahead": "sign",
+     "measure_lookahead": True},
+    {"radii": [0.1, 0.2, 0.3, 0.4], "unroll_steps": 2, "lookahead": "adam", "normalize_step": False},
+]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("options", CONCURRENT)
+def test_concurrent_radii_give_the_sequential_step_bit_for_bit(batches, options, threads):
+    """The radii split over threads (a replica per extra thread): every gradient entry and every stat equals the
+    one-thread step exactly, the weights are restored, and the replicas were really used."""
+    align, harmful, general = batches
+    model = micro_llama()
+    p = _params(**options)
+    sequential = ctrap_step(model, align, harmful, general, p, token_id=TOKEN)
+    expected = param_grads(model)
+    model.zero_grad(set_to_none=True)
+    state = clone_state(model)
+    replicas = make_replicas(model, p, threads)
+    assert len(replicas) == min(threads, len(p.radii)) - 1
+    for replica in replicas:  # the step must set them to θ itself
+        with torch.no_grad():
+            for q in replica.parameters():
+                q.mul_(0.5)
+    concurrent = ctrap_step(model, align, harmful, general, p, token_id=TOKEN, replicas=replicas)
+    assert concurrent == sequential
+    for got, want in zip(param_grads(model), expected):
+        assert torch.equal(got, want)
+    assert_state_identical(model, state)
+    # each replica walked its radii's look-ahead path: it ends displaced back to θ, its .grad taken away
+    for replica in replicas:
+        assert all(torch.equal(r, q) for r, q in zip(replica.parameters(), model.parameters()))
+        assert all(q.grad is None for q in replica.parameters())
+
+
+def test_concurrent_radii_refuse_what_would_change_the_step(batches):
+    align, harmful, general = batches
+    model = micro_llama()
+    p = _params(radii=[0.1, 0.3])
+    assert make_replicas(model, p, 1) == [] and make_replicas(model, _params(), 4) == []  # one radius: none
+    with pytest.raises(ValueError, match="first_order"):
+        make_replicas(model, _params(gradient_mode="exact", radii=[0.1, 0.3]), 2)
+    replicas = make_replicas(model, p, 2)
+    with pytest.raises(ValueError, match="one process"):
+        ctrap_step(model, align, harmful, general, p, token_id=TOKEN, replicas=replicas, reduce_fn=lambda t: None)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="32-true"):
+        ctrap_step(model, align, harmful, general, p, token_id=TOKEN, replicas=replicas)
+    dropped = micro_llama()
+    dropped.model.layers[0].add_module("drop", torch.nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="dropout"):
+        make_replicas(dropped, p, 2)
+    with pytest.raises(ValueError, match="fp32"):
+        make_replicas(micro_llama().to(torch.bfloat16), p, 2)
 
 
 def test_lookahead_shapes_and_lengths():

@@ -32,7 +32,7 @@ def _entry(args: list[str]) -> str:
 
 def test_a_chain_defends_then_attacks_the_grid_then_fine_tunes_benignly_under_its_own_directories(tmp_path):
     qs = _quickstart()
-    commands = qs.chain(tmp_path, "ctrap_tuned", ["seed=3", "trainer.progress_bar=false"])
+    commands = qs.chain(tmp_path, "ctrap_tuned", ["seed=3", "trainer.progress_bar=false"], jobs=2)
     assert [_entry(c) for c in commands] == ["selfdestruct.defend", "selfdestruct.attack grid",
                                              "selfdestruct.attack benign"]
     dirs = [next(a for a in c if a.startswith("hydra.")) for c in commands]
@@ -42,6 +42,9 @@ def test_a_chain_defends_then_attacks_the_grid_then_fine_tunes_benignly_under_it
     for c in commands:
         assert "defense=ctrap_tuned" in c and c[-2:] == ["seed=3", "trainer.progress_bar=false"]
     assert "model_path=defend" in commands[2]  # the benign fine-tune starts from the defended model
+    # the defense's independent branches on the jobs' threads (the same step bit for bit); the attacks have none
+    assert "trainer.branch_threads=2" in commands[0] and not any("branch_threads" in a for c in commands[1:] for a in c)
+    assert "trainer.branch_threads=1" in qs.chain(tmp_path, "sft", [], jobs=1)[0]
 
 
 def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, monkeypatch):

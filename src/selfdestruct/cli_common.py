@@ -174,10 +174,19 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
     """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
-    trainer_config(cfg), eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    check_branch_threads(trainer_config(cfg))
+    eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
     if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
         check_model_path(cfg.model.path, "model.path")
     return defense_spec(cfg)
+
+
+def check_branch_threads(trainer: TrainerConfig) -> None:
+    """Concurrent branches (``trainer.branch_threads`` > 1) are threads of one process computing in fp32."""
+    if trainer.branch_threads > 1 and (str(trainer.precision) not in ("32-true", "32") or str(trainer.devices) != "1"):
+        raise UserError(f"trainer.branch_threads={trainer.branch_threads} runs a step's branches as threads of one "
+                        f"process in fp32: it needs trainer.precision=32-true and trainer.devices=1 (got "
+                        f"{trainer.precision}, {trainer.devices})")
 
 
 def check_model_path(model_path, key: str) -> None:

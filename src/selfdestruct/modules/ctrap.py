@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from selfdestruct.modules.defense import Batch, DefenseModule, data_parallel_reduce
-from selfdestruct.objectives.ctrap import CtrapParams, SecondMoment, collapse_token_id, ctrap_step
+from selfdestruct.objectives.ctrap import CtrapParams, SecondMoment, collapse_token_id, ctrap_step, make_replicas
 from selfdestruct.pipeline.training import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,15 @@ class CTRAPModule(DefenseModule):
         self.token_id = int(token_id)
         # Only the Adam-shaped look-ahead keeps state across steps (one parameter-sized buffer).
         self.second_moment = SecondMoment(beta2=params.adam_beta2) if params.lookahead == "adam" else None
+        # Copies of the model on which further radii run concurrently (use_branch_threads); a plain list, so they
+        # are neither submodules nor in checkpoints; they follow the model to its device at the first step.
+        self.replicas: list[torch.nn.Module] = []
+
+    def use_branch_threads(self, threads: int) -> int:
+        """Several radii: one thread per contiguous run of radii, each on its own copy of the model (checked and
+        made here, before any work); the step stays bit-for-bit the sequential one."""
+        self.replicas = make_replicas(self.model, self.defense_params, threads)
+        return 1 + len(self.replicas)
 
     def extra_state(self) -> dict:
         state = super().extra_state()
@@ -56,5 +65,7 @@ class CTRAPModule(DefenseModule):
     def defense_step(self, batch: Mapping[str, Batch]) -> dict[str, float]:
         # Published recipe: one retain batch (refusals ⊕ helpful) carries both the alignment and the collapse loss.
         align, general = (batch["retain"], batch["retain"]) if "retain" in batch else (batch["align"], batch["general"])
+        device = next(self.model.parameters()).device
+        self.replicas = [r if next(r.parameters()).device == device else r.to(device) for r in self.replicas]
         return ctrap_step(self.model, align, batch["harmful"], general, self.defense_params, token_id=self.token_id,
-                          second_moment=self.second_moment, reduce_fn=data_parallel_reduce())
+                          second_moment=self.second_moment, reduce_fn=data_parallel_reduce(), replicas=self.replicas)

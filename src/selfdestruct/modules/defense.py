@@ -54,6 +54,11 @@ class DefenseModule(CausalLMModule):
         self.roles = tuple(roles)
         self.history: list[dict[str, float]] = []
 
+    def use_branch_threads(self, threads: int) -> int:
+        """Run the independent branches of each step on up to ``threads`` threads (``trainer.branch_threads``);
+        returns how many the step will use: 1 here, the shared step has no branches."""
+        return 1
+
     def defense_step(self, batch: Mapping[str, Batch]) -> dict[str, float]:
         """Accumulate the step's gradient into ``.grad`` and return its stats."""
         return self.objective(self.model, *(batch[r] for r in self.roles), self.defense_params,

@@ -13,6 +13,7 @@ bf16/fp16 loses every significant digit.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -254,6 +255,26 @@ def _finite(x: float) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Perturb and restore
 # --------------------------------------------------------------------------------------------------------------
+
+
+def run_concurrently(tasks: Sequence[Callable[[], object]]) -> list:
+    """Call every task, the first in this thread and each other in a thread of its own; their results in order.
+
+    For independent branches of one step (CTRAP's radii): each branch runs the same operations on the same values
+    as it would alone, so what it computes does not depend on the concurrency. Waits for every task; the first
+    exception (in task order) is raised after all have finished."""
+    if len(tasks) <= 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="branch") as pool:
+        futures = [pool.submit(task) for task in tasks[1:]]
+        try:
+            first = tasks[0]()
+        finally:
+            others = [(f.exception(), f) for f in futures]  # waits for every branch before anything is raised
+    for error, _ in others:
+        if error is not None:
+            raise error
+    return [first, *(f.result() for _, f in others)]
 
 
 @contextmanager

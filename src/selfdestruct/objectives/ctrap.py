@@ -12,6 +12,7 @@ motivation for them are in SPEC §4 and issue 3.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from selfdestruct.objectives.common import (
     norm,
     pooled,
     response_ce,
+    run_concurrently,
     scaled,
     select_labels,
     shift_,
@@ -213,6 +215,7 @@ def ctrap_step(
     token_id: int,
     second_moment: SecondMoment | None = None,
     reduce_fn: ReduceFn | None = None,
+    replicas: Sequence[torch.nn.Module] = (),
 ) -> dict[str, float]:
     """Accumulate ∇ℓ(θ; D_align) + λ·∇_θ ℓ_col(θ'; D_gen) into ``p.grad``; return the step's stats.
 
@@ -230,20 +233,22 @@ def ctrap_step(
     (anything with a ``mean_values`` method) each rank also weights its three CEs by its share of the tokens and
     the stats are pooled, so the step equals the single-process step on the concatenated batch even when the
     ranks hold unequal numbers of labelled tokens. Raises :class:`NonFiniteGradientError` on NaN/inf.
+    ``replicas``: copies of ``model`` (:func:`make_replicas`) on which the radii run concurrently, one thread per
+    model; the step is bit-for-bit the sequential one (first-order, one process, fp32, no dropout).
 
     Stats: loss (ℓ_align + λ·ℓ_col), loss_align, loss_harmful (ℓ(θ; D_adv), whose gradient defines the step),
     loss_collapse (ℓ_col at θ', mean over radii and, with collapse_at="every", over the steps), norm_h (‖g_h‖);
     with ``measure_lookahead`` loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1
     loss_harmful_unrolled (the harmful loss where the last simulated step starts).
     """
-    _check_mode(p, reduce_fn)
+    _check_mode(p, reduce_fn, replicas)
     params = trainable_parameters(model)
     counts = [select_labels(b["labels"]).count for b in (harmful, general, align)]
     weights = _token_weights(reduce_fn, params, counts)
     harmful_loss, norm_h, step = _simulated_attack_step(model, params, harmful, p, second_moment, reduce_fn,
                                                         weights.harmful)
     trace = _add_collapse_gradients(model, params, harmful, general, step, p, token_id, second_moment, reduce_fn,
-                                    weights)
+                                    weights, replicas)
     del step
     if p.gradient == "exact":  # −λ·∇_θ ⟨pull, d(θ)⟩ with pull held constant: the part of the chain rule through g_h
         _add_exact_correction(model, params, harmful, trace.pull, p)
@@ -255,9 +260,34 @@ def ctrap_step(
     return stats
 
 
-def _check_mode(p: CtrapParams, reduce_fn: ReduceFn | None) -> None:
+def _check_mode(p: CtrapParams, reduce_fn: ReduceFn | None, replicas: Sequence[torch.nn.Module] = ()) -> None:
     if p.gradient == "exact" and (p.lookahead != "sgd" or p.unroll_steps != 1 or reduce_fn is not None):
         raise ValueError("gradient='exact' supports lookahead='sgd', unroll_steps=1 and one process only")
+    if replicas and (p.gradient == "exact" or reduce_fn is not None):
+        raise ValueError("concurrent radii (replicas) support gradient='first_order' in one process only")
+    if replicas and any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        raise ValueError("concurrent radii need precision 32-true: autocast is per thread, the branches would "
+                         "run without it")
+
+
+def make_replicas(model: torch.nn.Module, p: CtrapParams, threads: int) -> list[torch.nn.Module]:
+    """Copies of ``model`` for running CTRAP's radii on ``threads`` threads (one fewer than the threads used, at
+    most one per radius beyond the first); [] when there is nothing to run concurrently. Refuses what would make
+    the concurrent step differ from the sequential one: random dropout, parameters other than fp32 (autocast is
+    refused by :func:`ctrap_step`)."""
+    n = min(threads, len(p.radii or [p.step_size])) - 1
+    if n <= 0:
+        return []
+    if p.gradient == "exact":
+        raise ValueError("concurrent radii need gradient='first_order' (the exact gradient sums one pull over radii)")
+    dropout = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    dropout += ["attention_dropout"] if getattr(getattr(model, "config", None), "attention_dropout", 0) else []
+    if dropout:
+        raise ValueError(f"concurrent radii need a model without random dropout (found: {', '.join(dropout[:3])}): "
+                         "the branches would draw their masks in a different order than one thread does")
+    if any(q.dtype != torch.float32 for q in trainable_parameters(model)):
+        raise ValueError("concurrent radii need fp32 trainable parameters (precision 32-true)")
+    return [copy.deepcopy(model) for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -305,34 +335,98 @@ class _CollapseTrace:
 
 def _add_collapse_gradients(model, params, harmful: Batch, general: Batch, step: Lookahead, p: CtrapParams,
                             token_id: int, second_moment: SecondMoment | None, reduce_fn: ReduceFn | None,
-                            weights: _Weights) -> _CollapseTrace:
+                            weights: _Weights, replicas: Sequence[torch.nn.Module] = ()) -> _CollapseTrace:
     """λ/R · Σ_r ∇ℓ_col(θ'_r; D_gen) into ``.grad``, θ'_r reached with step size r; the weights are restored.
 
     With ``collapse_at="every"`` the term of radius r is the mean over the simulated steps k = 1..K of
-    ∇ℓ_col(θ_r,k), θ_r,k the point after k steps."""
+    ∇ℓ_col(θ_r,k), θ_r,k the point after k steps. With ``replicas`` the radii are split into contiguous runs, the
+    first run on ``model``, each other on a replica (set to θ here) in a thread of its own; their gradients are
+    added to ``.grad`` in the order of the radii, so ``.grad`` and the trace equal the sequential ones bit for bit.
+    """
     radii = [p.step_size] if p.radii is None else [float(r) for r in p.radii]
     every = p.collapse_at == "every"
     weight = p.lam / len(radii) / (p.unroll_steps if every else 1)
-    exact = p.gradient == "exact"
-    trace = _CollapseTrace([], [], [], [torch.zeros_like(q) for q in params] if exact else None)
-    with displaced(params) as restore:
-        for radius in radii:
-            shift_(params, step.direction, -radius * step.scale)
-            collapse = []
-            for depth in range(1, p.unroll_steps + 1):
-                last = depth == p.unroll_steps
-                if depth > 1:
-                    _attack_step(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful,
-                                 trace if last else None)
-                if last and p.measure_lookahead:
-                    with torch.no_grad():
-                        trace.after.append(value(response_ce(model, harmful)))
-                if every or last:
-                    collapse.append(_plant_trap(model, params, general, token_id, weight, weights.collapse,
-                                                trace.pull, radius / len(radii)))
-            trace.collapse.append(sum(collapse) / len(collapse))
-            restore()
+    pull = [torch.zeros_like(q) for q in params] if p.gradient == "exact" else None
+    runs = _contiguous(radii, 1 + len(replicas))
+    copies = [_set_to(replica, params) for replica in replicas[: len(runs) - 1]]
+
+    def branch(i: int) -> tuple[_CollapseTrace, list[TensorList]]:
+        m, ps = (model, params) if i == 0 else (replicas[i - 1], copies[i - 1])
+        part, kept = _CollapseTrace([], [], [], pull), None if i == 0 else []
+        with displaced(ps) as restore:
+            for radius in runs[i]:
+                _radius_branch(m, ps, harmful, general, step, radius, p, token_id, second_moment, reduce_fn,
+                               weights, weight, radius / len(radii), part, kept)
+                restore()
+        return part, kept
+
+    trace = _CollapseTrace([], [], [], pull)
+    for part, kept in run_concurrently([lambda i=i: branch(i) for i in range(len(runs))]):
+        trace.collapse += part.collapse
+        trace.after += part.after
+        trace.trail += part.trail
+        for grads in kept or ():
+            _accumulate(params, grads)
     return trace
+
+
+def _radius_branch(model, params, harmful: Batch, general: Batch, step: Lookahead, radius: float, p: CtrapParams,
+                   token_id: int, second_moment: SecondMoment | None, reduce_fn: ReduceFn | None, weights: _Weights,
+                   weight: float, pull_weight: float, trace: _CollapseTrace, kept: list[TensorList] | None) -> None:
+    """Radius r's collapse gradients: into ``.grad``, or (``kept`` a list) each one appended to ``kept`` as taken
+    from a fresh ``.grad``; ℓ_col's mean, and the measured harmful losses, go into ``trace``."""
+    shift_(params, step.direction, -radius * step.scale)
+    every = p.collapse_at == "every"
+    collapse = []
+    for depth in range(1, p.unroll_steps + 1):
+        last = depth == p.unroll_steps
+        if depth > 1:
+            _attack_step(model, params, harmful, radius, p, second_moment, reduce_fn, weights.harmful,
+                         trace if last else None)
+        if last and p.measure_lookahead:
+            with torch.no_grad():
+                trace.after.append(value(response_ce(model, harmful)))
+        if every or last:
+            collapse.append(_plant_trap(model, params, general, token_id, weight, weights.collapse, trace.pull,
+                                        pull_weight))
+            if kept is not None:
+                kept.append([q.grad for q in params])
+                for q in params:
+                    q.grad = None
+    trace.collapse.append(sum(collapse) / len(collapse))
+
+
+def _contiguous(items: list, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` contiguous runs of (nearly) equal length, in order."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(parts)]
+
+
+def _set_to(replica: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Copy θ into the replica's trainable parameters (its frozen ones equal the model's); returns them."""
+    copies = trainable_parameters(replica)
+    if len(copies) != len(params) or any(c.shape != q.shape or c.dtype != q.dtype or c.device != q.device
+                                         for c, q in zip(copies, params)):
+        raise ValueError("a CTRAP replica must be a copy of the model (same trainable parameters, dtypes, device)")
+    with torch.no_grad():
+        for c, q in zip(copies, params):
+            c.copy_(q)
+            c.grad = None
+    return copies
+
+
+def _accumulate(params: Sequence[torch.nn.Parameter], grads: TensorList) -> None:
+    """``.grad += g`` as backward accumulates (``.grad = g`` when there is none yet)."""
+    with torch.no_grad():
+        for q, g in zip(params, grads, strict=True):
+            if g is None:
+                continue
+            if q.grad is None:
+                q.grad = g
+            else:
+                q.grad.add_(g)
 
 
 def _plant_trap(model, params, general: Batch, token_id: int, weight: float, w_col: float,

@@ -93,6 +93,13 @@ def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: st
         raise UserError(f"defense={name} needs defense.optim (learning rate, epochs, batch size)")
     pl.seed_everything(ctx.seed, workers=True, verbose=False)
     module, data, exact = build_defense(model, tokenizer, ctx.bundle, name, p, optim, ctx.fmt, ctx.seed)
+    if ctx.trainer.branch_threads > 1:
+        try:
+            used = module.use_branch_threads(ctx.trainer.branch_threads)
+        except ValueError as err:
+            raise UserError(f"trainer.branch_threads={ctx.trainer.branch_threads} with defense={name}: {err}") from err
+        log.info("trainer.branch_threads=%d: %s runs each step on %d thread%s%s", ctx.trainer.branch_threads, name,
+                 used, "" if used == 1 else "s", " (no independent branches)" if used == 1 else "")
     check_sizes(data, ctx.loggers)
     datamodule = DefenseDataModule(data.streams, batch_size=optim.batch_size, pad_id=tokenizer.pad_token_id,
                                    seed=ctx.seed)

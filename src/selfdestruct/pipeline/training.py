@@ -88,10 +88,14 @@ class TrainerConfig:
     fast_dev_run: bool = False
     max_steps: int = -1
     checkpoint_every_n_steps: int = 100
+    # Threads for the independent branches of one defense step (CTRAP's radii, one model copy per extra thread);
+    # the step is bit-for-bit the one-thread step. 1 = one after another. Other stages and defenses: no branches.
+    branch_threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_number(self, "log_every_n_steps", low=1, integer=True)
+        check_number(self, "branch_threads", low=1, integer=True)
         check_number(self, "max_steps", low=-1, integer=True)
         check_number(self, "checkpoint_every_n_steps", low=0, integer=True)
 
