@@ -6,7 +6,7 @@
 The full demo runs the project's own entry points exactly as a user would. First, alone, the pre-training and
 alignment every defense starts from (``selfdestruct.defend defense=sft`` into ``OUT/shared_stages``, on ``--jobs``
 torch threads: nothing else can run before the aligned model exists; that run stays out of the comparison, whose
-runs all use one thread). Then one chain per defense, every stage after the first a cache hit:
+runs all use one torch thread). Then one chain per defense, every stage after the first a cache hit:
 
 1. ``selfdestruct.defend defense=D trainer.branch_threads=JOBS`` (CTRAP's radii on ``--jobs`` threads, the same
    step bit for bit);

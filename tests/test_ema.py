@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from selfdestruct.errors import FieldError
+from selfdestruct.modules.base import make_optimizer
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.modules.sft import SFTModule
 from selfdestruct.pipeline import stages
@@ -44,7 +45,7 @@ def _fit(ema_decay: float | None, steps: int = 6) -> tuple[torch.nn.Module, list
     batches = [{"train": {"input_ids": torch.full((2, 4), float(k % 3 + 1)).long(),
                           "attention_mask": torch.ones(2, 4), "labels": torch.ones(2, 4).long()}}
                for k in range(steps)]
-    module = SFTModule(_Toy(), lr=0.3, ema_decay=ema_decay)
+    module = SFTModule(_Toy(), OptimConfig(lr=0.3, ema_decay=ema_decay))
     iterates = _Iterates()
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[iterates], accelerator="cpu")
@@ -68,38 +69,46 @@ def test_the_released_weights_are_the_moving_average_of_the_iterates():
 
 
 def test_the_average_survives_a_checkpoint():
-    module = SFTModule(_Toy(), lr=0.1, ema_decay=0.5)
+    module = SFTModule(_Toy(), OptimConfig(lr=0.1, ema_decay=0.5))
     module.model.w.data = torch.tensor([1.0, 2.0, 3.0])
     module.update_ema()
     module.model.w.data = torch.tensor([3.0, 2.0, 1.0])
     module.update_ema()
     state = module.extra_state()
-    resumed = SFTModule(_Toy(), lr=0.1, ema_decay=0.5)
+    resumed = SFTModule(_Toy(), OptimConfig(lr=0.1, ema_decay=0.5))
     resumed.load_extra_state(state)
     resumed.on_train_end()
     assert torch.equal(resumed.model.w.detach(), torch.tensor([2.0, 2.0, 2.0]))
-    assert SFTModule(_Toy(), lr=0.1).extra_state() == {}  # off: checkpoints carry nothing new
+    assert SFTModule(_Toy(), OptimConfig(lr=0.1)).extra_state() == {}  # off: checkpoints carry nothing new
 
 
-def test_every_training_stage_passes_the_decay_on(monkeypatch):
+def test_every_training_stage_hands_its_whole_optimiser_config_to_the_module(monkeypatch):
+    """The modules keep the stage's OptimConfig (or AttackConfig) whole, so a field such as ema_decay reaches every
+    stage without being copied at each call site."""
     optim = OptimConfig(lr=1e-3, ema_decay=0.9)
-    assert stages._sft_module(_Toy(), optim, "align").ema_decay == 0.9  # pre-training and alignment
-    assert DefenseModule(_Toy(), optim, params=None).ema_decay == 0.9  # every defense (CTRAP and NPO subclass it)
+    assert stages._sft_module(_Toy(), optim, "align").optim is optim  # pre-training and alignment
+    assert DefenseModule(_Toy(), optim, params=None).optim is optim  # every defense (CTRAP and NPO subclass it)
 
     built = {}
+    real = stages.AttackModule
 
     class Stop(Exception):
         pass
 
-    def capture(model, **kwargs):
-        built.update(kwargs)
+    def capture(model, attack):
+        built["module"] = real(model, attack)
         raise Stop
 
     monkeypatch.setattr(stages, "AttackModule", capture)
-    attack = stages.AttackConfig(lr=1e-4, ema_decay=0.95)
+    attack = stages.AttackConfig(lr=1e-4, ema_decay=0.95, optimizer="sgd", momentum=0.5, data="benign")
     with pytest.raises(Stop):
         stages.run_attack(_Toy(), None, [], attack, None, [], None, 0, None)
-    assert built["ema_decay"] == 0.95
+    module = built["module"]
+    assert module.optim is attack and module.optim.ema_decay == 0.95
+    assert (module.optimizer_name, module.momentum, module.kind) == ("sgd", 0.5, "benign")
+    optimiser = make_optimizer(module.optimizer_name, module.trainable_parameters(), attack.lr, attack.weight_decay,
+                               module.momentum)
+    assert isinstance(optimiser, torch.optim.SGD) and optimiser.defaults["momentum"] == 0.5
 
 
 def test_cache_keys_are_unchanged_while_the_option_is_off_and_bad_values_name_the_field():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from selfdestruct.modules.base import CausalLMModule
+
+if TYPE_CHECKING:  # pipeline.stages builds this module
+    from selfdestruct.pipeline.stages import AttackConfig
 
 
 def wrap_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target_modules: list[str]):
@@ -24,12 +29,12 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
 class AttackModule(CausalLMModule):
     """Descends the attack data's cross-entropy; with LoRA, only the adapters move and are merged on export."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, kind: str = "harmful", lora: dict | None = None,
-                 **kwargs) -> None:
-        if lora:
-            model = wrap_lora(model, **lora)
-        super().__init__(model, lr, log_prefix="attack", **kwargs)
-        self.kind = kind
+    def __init__(self, model: torch.nn.Module, attack: AttackConfig) -> None:
+        """``attack``: the whole attack config (optimiser settings, the torch optimiser, LoRA, which data)."""
+        if attack.lora:
+            model = wrap_lora(model, **attack.lora)
+        super().__init__(model, attack, log_prefix="attack", optimizer=attack.optimizer, momentum=attack.momentum)
+        self.kind = attack.data
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         loss = self.lm_loss(batch["train"])

@@ -8,9 +8,13 @@ the plain stages (pre-training, alignment, attacks) use the same path so all of 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
+
+if TYPE_CHECKING:  # pipeline.training imports SCHEDULES from here
+    from selfdestruct.pipeline.training import OptimConfig
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -50,42 +54,28 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float, momentum: 
 class CausalLMModule(pl.LightningModule):
     """Owns a Hugging Face causal LM and steps it by hand; subclasses define ``training_step``."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        schedule: str = "constant",
-        max_grad_norm: float | None = None,
-        log_prefix: str = "train",
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        ema_decay: float | None = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, log_prefix: str = "train",
+                 optimizer: str = "adamw", momentum: float = 0.9) -> None:
+        """``optim``: the stage's optimiser settings, kept whole (learning rate, schedule, clipping, ``ema_decay``);
+        ``optimizer`` and ``momentum``: the torch optimiser, which only an attack chooses (AttackConfig)."""
         super().__init__()
         self.automatic_optimization = False
         self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
-        self.schedule = schedule
-        self.max_grad_norm = max_grad_norm
+        self.optim = optim
         self.log_prefix = log_prefix
         self.optimizer_name = optimizer
         self.momentum = momentum
-        self.ema_decay = ema_decay
         self.ema: list[torch.Tensor] | None = None  # the running average of the trainable parameters (ema_decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.optimizer_name, self.trainable_parameters(), self.lr, self.weight_decay,
-                                   self.momentum)
+        optimizer = make_optimizer(self.optimizer_name, self.trainable_parameters(), self.optim.lr,
+                                   self.optim.weight_decay, self.momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.schedule, warmup, total))
+        warmup = int(self.optim.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim.schedule, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def extra_state(self) -> dict:
@@ -94,7 +84,7 @@ class CausalLMModule(pl.LightningModule):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` when a fit resumes from a checkpoint."""
-        if self.ema_decay is not None and state.get("ema") is not None:
+        if self.optim.ema_decay is not None and state.get("ema") is not None:
             self.ema = [t.to(p.device) for t, p in zip(state["ema"], self.trainable_parameters())]
 
     def update_ema(self) -> None:
@@ -103,7 +93,7 @@ class CausalLMModule(pl.LightningModule):
         if self.ema is None:
             self.ema = [p.clone() for p in params]
         else:
-            torch._foreach_lerp_(self.ema, params, 1.0 - self.ema_decay)
+            torch._foreach_lerp_(self.ema, params, 1.0 - self.optim.ema_decay)
 
     def on_train_end(self) -> None:
         """With ``ema_decay``, the stage releases the average: it replaces the trainable parameters."""
@@ -133,10 +123,10 @@ class CausalLMModule(pl.LightningModule):
     def finish_step(self) -> None:
         """Clip (if configured), step the optimiser and the schedule; gradients must already be in ``.grad``."""
         optimizer = self.optimizers()
-        if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        if self.optim.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
-        if self.ema_decay is not None:
+        if self.optim.ema_decay is not None:
             self.update_ema()
         scheduler = self.lr_schedulers()
         if scheduler is not None:

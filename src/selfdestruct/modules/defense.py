@@ -46,9 +46,7 @@ class DefenseModule(CausalLMModule):
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, params: Any,
                  objective: Callable[..., dict[str, float]] | None = None, roles: Sequence[str] = ()) -> None:
-        super().__init__(model, optim.lr, weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
-                         schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, log_prefix="defense",
-                         ema_decay=optim.ema_decay)
+        super().__init__(model, optim, log_prefix="defense")
         self.defense_params = params
         self.objective = objective
         self.roles = tuple(roles)

@@ -94,9 +94,7 @@ def _single_stream(examples, tokenizer, optim: OptimConfig, fmt: PromptFormat, s
 
 
 def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:
-    return SFTModule(model, lr=optim.lr, weight_decay=optim.weight_decay, warmup_ratio=optim.warmup_ratio,
-                     schedule=optim.schedule, max_grad_norm=optim.max_grad_norm, log_prefix=prefix,
-                     ema_decay=optim.ema_decay)
+    return SFTModule(model, optim, log_prefix=prefix)
 
 
 def _sft_and_save(ctx: StageContext, model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
@@ -207,10 +205,7 @@ def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, 
 
     Checkpoints go to ``run_dir/checkpoints``; a re-run of the same ``ckpt_key`` resumes from them."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = AttackModule(model, lr=attack.lr, kind=attack.data, lora=attack.lora,
-                          weight_decay=attack.weight_decay, warmup_ratio=attack.warmup_ratio,
-                          schedule=attack.schedule, max_grad_norm=attack.max_grad_norm,
-                          optimizer=attack.optimizer, momentum=attack.momentum, ema_decay=attack.ema_decay)
+    module = AttackModule(model, attack)
     datamodule = _single_stream(examples, tokenizer, attack, fmt, seed)
     trainer = fit(module, datamodule, trainer_cfg, attack.epochs, loggers, run_dir, ckpt_dir=run_dir / "checkpoints",
                   ckpt_key=ckpt_key)
