@@ -633,38 +633,3 @@ def test_baseline_streams_have_the_configured_sizes_and_lora_by_default(name, pa
     with pytest.raises(UserError, match="defense.params.nosuch: unknown option"):
         build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, {"nosuch": 1},
                       OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)
-
-
-def test_a_loss_spike_at_the_end_of_a_defense_is_reported():
-    """late_spike: one of the last 3 losses more than 10 median absolute deviations above the 100 before them.
-    The numbers of the first case are held-out seed 13's CTRAP run (experiments/nowin), the end that released a
-    model at 0.74 x SFT's utility."""
-    from selfdestruct.pipeline.defense import late_spike
-
-    calm = [0.25 + 0.02 * ((7 * i) % 5 - 2) for i in range(200)]  # median 0.25, MAD 0.02
-    message = late_spike(calm[:-3] + [0.26, 7.08, 2.77])
-    assert message and "7.08" in message and "0.25" in message and "341 median absolute deviations" in message
-    assert late_spike(calm) is None
-    assert late_spike(calm[:-3] + [0.26, 0.25, 0.25 + 0.02 * 9.5]) is None  # 9.5 deviations: below the threshold
-    assert late_spike(calm[:-3] + [0.26, 0.25, 0.25 + 0.02 * 10.5]) is not None
-    assert late_spike([-3.0 + 0.1 * (i % 3) for i in range(150)] + [-1.0]) is not None  # negative losses (SEAM) too
-    assert late_spike([1.0] * 10 + [50.0]) is None  # too short to judge
-    assert late_spike([0.3] * 120 + [9.0]) is None  # no spread to measure against
-
-
-def test_apply_defense_warns_about_a_late_spike_in_its_own_losses(tokenizer, tmp_path, caplog, monkeypatch):
-    """The stage hands late_spike the 'loss' stat of every step it took, and logs a warning when it answers."""
-    import selfdestruct.pipeline.defense as stage
-
-    seen = []
-
-    def spotted(losses):
-        seen.append(list(losses))
-        return "the loss of the last 3 steps reaches 9"
-
-    monkeypatch.setattr(stage, "late_spike", spotted)
-    with caplog.at_level(logging.WARNING, logger="selfdestruct.pipeline.defense"):
-        apply_defense(_tiny_model(tokenizer), tokenizer, _ctx(tmp_path), "seam", {"num_samples": 8, "beta": 1.0},
-                      OptimConfig(lr=1e-3, batch_size=4, epochs=1))
-    assert len(seen) == 1 and len(seen[0]) == 2 and all(math.isfinite(x) for x in seen[0])  # 8 pairs / 4 = 2 steps
-    assert "seam: the loss of the last 3 steps reaches 9; the released weights may come out of a loss spike" in caplog.text

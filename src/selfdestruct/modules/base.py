@@ -7,15 +7,20 @@ the plain stages (pre-training, alignment, attacks) use the same path so all of 
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import deque
 from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
 
+from selfdestruct.utils.spikes import LAST, calm_step, late_spike
+
 if TYPE_CHECKING:  # pipeline.training imports SCHEDULES from here
     from selfdestruct.pipeline.training import OptimConfig
 
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adam", "sgd")  # sgd: with momentum (heavy ball); adam: L2 weight decay; adamw: decoupled
@@ -66,6 +71,9 @@ class CausalLMModule(pl.LightningModule):
         self.optimizer_name = optimizer
         self.momentum = momentum
         self.ema: list[torch.Tensor] | None = None  # the running average of the trainable parameters (ema_decay)
+        self.losses: list[float] = []  # every step's loss, at the weights the step started from
+        # spike_rollback: (step index, the trainable parameters that step started from) of the last LAST + 1 steps
+        self.recent: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=LAST + 1)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -79,13 +87,25 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def extra_state(self) -> dict:
-        """What a step depends on beyond weights, optimiser and schedule (saved with every checkpoint)."""
-        return {} if self.ema is None else {"ema": [t.detach().cpu() for t in self.ema]}
+        """What the stage's end depends on beyond weights, optimiser and schedule (saved with every checkpoint)."""
+        state: dict = {}
+        if self.ema is not None:
+            state["ema"] = [t.detach().cpu() for t in self.ema]
+        if self.losses:
+            state["losses"] = list(self.losses)
+        if self.recent:
+            state["recent"] = [(i, [t.cpu() for t in weights]) for i, weights in self.recent]
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         """Restore :meth:`extra_state` when a fit resumes from a checkpoint."""
+        params = self.trainable_parameters()
         if self.optim.ema_decay is not None and state.get("ema") is not None:
-            self.ema = [t.to(p.device) for t, p in zip(state["ema"], self.trainable_parameters())]
+            self.ema = [t.to(p.device) for t, p in zip(state["ema"], params)]
+        self.losses = list(state.get("losses", []))
+        self.recent.clear()
+        for i, weights in state.get("recent", []):
+            self.recent.append((i, [t.to(p.device) for t, p in zip(weights, params)]))
 
     def update_ema(self) -> None:
         """w̄ ← d·w̄ + (1 − d)·w over the trainable parameters after an optimiser step (w̄ = w after the first)."""
@@ -96,11 +116,34 @@ class CausalLMModule(pl.LightningModule):
             torch._foreach_lerp_(self.ema, params, 1.0 - self.optim.ema_decay)
 
     def on_train_end(self) -> None:
-        """With ``ema_decay``, the stage releases the average: it replaces the trainable parameters."""
+        """With ``ema_decay``, the stage releases the average: it replaces the trainable parameters. A loss spike
+        in the last steps is warned about or, with ``spike_rollback``, undone (:meth:`release_before_spike`)."""
         if self.ema is not None:
             with torch.no_grad():
                 for p, avg in zip(self.trainable_parameters(), self.ema):
                     p.copy_(avg)
+        spike = late_spike(self.losses)
+        if spike and self.optim.spike_rollback:
+            self.release_before_spike(spike)
+        elif spike:
+            log.warning("%s: %s; the released weights may come out of a loss spike: check the model's utility "
+                        "before reading what follows (optim.spike_rollback=true releases the weights from before "
+                        "it)", self.log_prefix, spike)
+
+    def release_before_spike(self, spike: str) -> None:
+        """Put back the weights the latest calm one of the last LAST + 1 steps started from."""
+        kept = dict(self.recent)
+        step = calm_step(self.losses, list(kept))
+        if step is None:
+            log.warning("%s: %s, and so are the losses of all the last %d steps: the last iterate is released",
+                        self.log_prefix, spike, len(kept))
+            return
+        with torch.no_grad():
+            for p, saved in zip(self.trainable_parameters(), kept[step]):
+                p.copy_(saved)
+        log.warning("%s: %s; released the weights step %d of %d started from (loss %.4g) instead of the last "
+                    "iterate (optim.spike_rollback)", self.log_prefix, spike, step + 1, len(self.losses),
+                    self.losses[step])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["selfdestruct"] = self.extra_state()
@@ -118,10 +161,14 @@ class CausalLMModule(pl.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self.finish_step()
+        self.finish_step(float(loss.detach()))
 
-    def finish_step(self) -> None:
-        """Clip (if configured), step the optimiser and the schedule; gradients must already be in ``.grad``."""
+    def finish_step(self, loss: float) -> None:
+        """Record the step's ``loss`` (measured at the current weights), clip (if configured), step the optimiser
+        and the schedule; gradients must already be in ``.grad``."""
+        self.losses.append(float(loss))
+        if self.optim.spike_rollback:
+            self.recent.append((len(self.losses) - 1, [p.detach().clone() for p in self.trainable_parameters()]))
         optimizer = self.optimizers()
         if self.optim.max_grad_norm:
             self.clip_gradients(optimizer, gradient_clip_val=self.optim.max_grad_norm, gradient_clip_algorithm="norm")

@@ -65,7 +65,7 @@ class DefenseModule(CausalLMModule):
     def training_step(self, batch: dict[str, Batch], batch_idx: int) -> torch.Tensor:
         self.optimizers().zero_grad(set_to_none=True)
         stats = self.defense_step(batch)
-        self.finish_step()
+        self.finish_step(stats["loss"])
         self.log_stats(stats)
         return torch.tensor(stats["loss"])
 

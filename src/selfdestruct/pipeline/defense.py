@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import statistics
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -112,29 +110,4 @@ def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: st
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    spike = late_spike([h["loss"] for h in module.history if "loss" in h])
-    if spike:
-        log.warning("%s: %s; the released weights may come out of a loss spike: check the defended model's utility "
-                    "(metrics.json 'pre') before reading its attacks", name, spike)
     return merged(module.model)
-
-
-def late_spike(losses: list[float], window: int = 100, last: int = 3, threshold: float = 10.0) -> str | None:
-    """Whether one of the ``last`` steps' losses lies far above the ``window`` steps before them: its distance to
-    their median, in median absolute deviations, above ``threshold``. A description of the spike, or None.
-
-    The loss of step t is measured at the weights step t starts from, so a spike there means the weights the stage
-    ends with were reached from a point far off the training path. Of the 66 CTRAP and SEAM defend runs of
-    experiments/nowin on the AMD machine, three ended above the threshold (85, 23, 15: CTRAP on seed 13, whose released
-    model kept 0.74 x SFT's utility, and one-radius CTRAP on seeds 11, 0.91 x, and 1, unharmed), every other at 7.7 or
-    below."""
-    if len(losses) < last + 20:
-        return None
-    before, end = losses[-window - last : -last], losses[-last:]
-    center = statistics.median(before)
-    spread = statistics.median(abs(x - center) for x in before)
-    worst = max(end)
-    if spread <= 0 or not math.isfinite(worst) or (worst - center) / spread <= threshold:
-        return None
-    return (f"the loss of the last {last} steps reaches {worst:.4g} against a median of {center:.4g} over the "
-            f"{len(before)} steps before ({(worst - center) / spread:.0f} median absolute deviations above it)")

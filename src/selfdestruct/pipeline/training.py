@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
-from selfdestruct.errors import check_choice, check_number
+from selfdestruct.errors import FieldError, check_choice, check_number
 from selfdestruct.models.io import LoadOptions
 from selfdestruct.modules.base import SCHEDULES
 from selfdestruct.utils.io import write_json_atomic
@@ -48,16 +48,22 @@ class OptimConfig:
     # of the iterates, w̄ ← d·w̄ + (1 − d)·w after every optimiser step (w̄ = w after the first), over about the last
     # 1/(1 − d) steps (of the trainable parameters; the rest do not move).
     ema_decay: float | None = None
+    # true: when one of the stage's last 3 step losses is a spike (utils/spikes.py: more than 10 median absolute
+    # deviations above the 100 steps before them), release the weights of the latest of the last 4 steps whose loss
+    # was not one, instead of the last iterate (4 parameter-sized copies kept). false: the last iterate; a spike is
+    # only warned about.
+    spike_rollback: bool = False
 
     def __post_init__(self) -> None:
         check_optim_fields(self)
 
     def cache_key(self) -> dict[str, Any]:
-        """The fields that identify what a stage builds: all of them, less ``ema_decay`` while it is off, so that
-        the entries cached before the field existed keep their keys."""
+        """The fields that identify what a stage builds: all of them, less ``ema_decay`` and ``spike_rollback``
+        while they are off, so that the entries cached before those fields existed keep their keys."""
         fields = dataclasses.asdict(self)
-        if fields["ema_decay"] is None:
-            del fields["ema_decay"]
+        for name, off in (("ema_decay", None), ("spike_rollback", False)):
+            if fields[name] == off:
+                del fields[name]
         return fields
 
 
@@ -72,6 +78,11 @@ def check_optim_fields(cfg) -> None:
     check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
     check_number(cfg, "max_length", low=2, integer=True)
     check_number(cfg, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
+    if not isinstance(cfg.spike_rollback, bool):
+        raise FieldError("spike_rollback", cfg.spike_rollback, "expected true or false")
+    if cfg.spike_rollback and cfg.ema_decay is not None:
+        raise FieldError("spike_rollback", cfg.spike_rollback, "choose one way to release the weights: "
+                         "spike_rollback (an iterate from before a late spike) or ema_decay (the average), not both")
 
 
 @dataclass(frozen=True)
