@@ -29,8 +29,10 @@ def _generator():
      "second_machine"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "heldout_second_machine.md",
      "second_machine_heldout"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "fresh_seeds_second_machine.md",
+     "fresh_seeds"),
 ], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
-        "nowin-README-second-machine", "nowin-README-second-machine-heldout"])
+        "nowin-README-second-machine", "nowin-README-second-machine-heldout", "nowin-README-fresh-seeds"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
