@@ -74,6 +74,7 @@ class CausalLMModule(pl.LightningModule):
         self.losses: list[float] = []  # every step's loss, at the weights the step started from
         # spike_rollback: (step index, the trainable parameters that step started from) of the last LAST + 1 steps
         self.recent: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=LAST + 1)
+        self.total_steps: int | None = None  # the stage's optimiser steps (configure_optimizers)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -82,6 +83,7 @@ class CausalLMModule(pl.LightningModule):
         optimizer = make_optimizer(self.optimizer_name, self.trainable_parameters(), self.optim.lr,
                                    self.optim.weight_decay, self.momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.total_steps = total  # spike_rollback keeps the weights of the last LAST + 1 of them only
         warmup = int(self.optim.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.optim.schedule, warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -167,7 +169,8 @@ class CausalLMModule(pl.LightningModule):
         """Record the step's ``loss`` (measured at the current weights), clip (if configured), step the optimiser
         and the schedule; gradients must already be in ``.grad``."""
         self.losses.append(float(loss))
-        if self.optim.spike_rollback:
+        near_end = self.total_steps is None or len(self.losses) > self.total_steps - self.recent.maxlen
+        if self.optim.spike_rollback and near_end:  # a parameter copy, taken in the last LAST + 1 steps only
             self.recent.append((len(self.losses) - 1, [p.detach().clone() for p in self.trainable_parameters()]))
         optimizer = self.optimizers()
         if self.optim.max_grad_norm:

@@ -28,11 +28,8 @@ def _reference(losses: Sequence[float]) -> tuple[float, float] | None:
     return (center, spread) if spread > 0 else None
 
 
-def deviations(loss: float, losses: Sequence[float]) -> float | None:
-    """How many median absolute deviations ``loss`` lies above the reference of ``losses`` (None: no reference)."""
-    ref = _reference(losses)
-    if ref is None:
-        return None
+def _distance(loss: float, ref: tuple[float, float]) -> float:
+    """How many median absolute deviations ``loss`` lies above the reference's median."""
     center, spread = ref
     return (loss - center) / spread if math.isfinite(loss) else math.inf
 
@@ -43,17 +40,16 @@ def late_spike(losses: Sequence[float]) -> str | None:
     if ref is None:
         return None
     worst = max(losses[-LAST:])
-    distance = deviations(worst, losses)
-    if distance is None or distance <= THRESHOLD:
+    distance = _distance(worst, ref)
+    if distance <= THRESHOLD:
         return None
     return (f"the loss of the last {LAST} steps reaches {worst:.4g} against a median of {ref[0]:.4g} over the "
-            f"{len(losses[-WINDOW - LAST : -LAST])} steps before ({distance:.0f} median absolute deviations above it)")
+            f"{min(WINDOW, len(losses) - LAST)} steps before ({distance:.0f} median absolute deviations above it)")
 
 
 def calm_step(losses: Sequence[float], candidates: Sequence[int]) -> int | None:
-    """The latest step index in ``candidates`` whose loss is not a spike (None: every one is)."""
-    for i in sorted(candidates, reverse=True):
-        distance = deviations(losses[i], losses)
-        if distance is not None and distance <= THRESHOLD:
-            return i
-    return None
+    """The latest step index in ``candidates`` whose loss is not a spike (None: every one is, or no reference)."""
+    ref = _reference(losses)
+    if ref is None:
+        return None
+    return next((i for i in sorted(candidates, reverse=True) if _distance(losses[i], ref) <= THRESHOLD), None)
