@@ -39,6 +39,8 @@ BAD_ATTACK = [
     (["attack.max_grad_norm=0"], "attack.max_grad_norm=0"),
     (["attack.max_length=1"], "attack.max_length=1"),
     (["attack.data=poison"], "attack.data='poison': expected one of harmful, benign, mixed"),
+    (["attack.seed=-1"], "attack.seed=-1: expected an integer >= 0"),
+    (["attack.seed=1.5"], "attack.seed=1.5"),
     (["attack=mixed", "attack.poison_ratio=1.5"], "attack.poison_ratio=1.5"),
     (["attack=mixed", "attack.poison_ratio=-0.1"], "attack.poison_ratio=-0.1"),
     (["attack=lora", "attack.lora.rank=0"], "attack.lora.rank=0: expected an integer >= 1"),

@@ -121,6 +121,23 @@ def test_an_attack_changes_the_weights(kind, defended, tmp_path):
         assert any("q_proj" in k for k in changed)
 
 
+def test_attack_seed_orders_the_batches_and_keeps_the_model(defended, tmp_path):
+    """attack.seed=null and attack.seed equal to the run's seed are one attack; another attack.seed is another data
+    order of the same defended model: other weights, the same pre-attack evaluation, recorded in metrics.json."""
+    weights, saved = {}, {}
+    for name, extra in (("null", []), ("same", ["attack.seed=3"]), ("other", ["attack.seed=4"])):
+        cfg = compose_config("attack", _attack_overrides(defended, "seed=3", "attack.lr=3e-3", "save_model=true",
+                                                         *extra), tmp_path / name)
+        attack(cfg)
+        weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+        saved[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert all(torch.equal(weights["null"][k], weights["same"][k]) for k in weights["null"])
+    assert not all(torch.equal(weights["null"][k], weights["other"][k]) for k in weights["null"])
+    assert [saved[n]["attack"]["config"]["seed"] for n in ("null", "same", "other")] == [None, 3, 4]
+    assert {saved[n]["seed"] for n in saved} == {3}  # the run's seed: the defended model's
+    assert saved["null"]["pre"] == saved["other"]["pre"]
+
+
 def test_same_seed_gives_identical_metrics(defended, tmp_path):
     runs = []
     for name in ("a", "b"):

@@ -94,7 +94,8 @@ def attack(cfg: DictConfig) -> dict:
     if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
         defense = cc.check_stages(cfg)
     bundle = cc.data_bundle(cfg)
-    examples = attack_examples(bundle, spec, int(cfg.seed))
+    attack_seed = int(cfg.seed) if spec.seed is None else spec.seed  # the defended model keeps the run's seed
+    examples = attack_examples(bundle, spec, attack_seed)
     if cfg.model_path != "defend":  # model files checked before any training (after the data they are used with)
         cc.check_model_path(cfg.model_path, "model_path")
     loggers = cc.job_loggers(cfg, run_dir)
@@ -105,7 +106,7 @@ def attack(cfg: DictConfig) -> dict:
     pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
     ckpt_key = {"overrides": identity_overrides(), "model": checkpoint_id(Path(model_path))}
     attacked = run_attack(model, tokenizer, examples, spec, cc.trainer_config(cfg), loggers, run_dir,
-                          int(cfg.seed), cc.prompt_format(cfg), ckpt_key=ckpt_key)
+                          attack_seed, cc.prompt_format(cfg), ckpt_key=ckpt_key)
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",

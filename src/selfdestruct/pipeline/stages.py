@@ -45,6 +45,9 @@ class AttackConfig(OptimConfig):
     lora: dict | None = None
     optimizer: str = "adamw"  # adamw | adam | sgd
     momentum: float = 0.9  # sgd's momentum (ignored by adamw and adam)
+    # The attack's own seed (the order of its batches, the poison shuffle of data=mixed); null = the run's seed.
+    # Set it to attack one defended model (built with the run's seed) under several data orders.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +56,7 @@ class AttackConfig(OptimConfig):
         check_number(self, "momentum", low=0.0, high=0.999)
         check_number(self, "num_samples", low=1, integer=True)
         check_number(self, "poison_ratio", low=0.0, high=1.0)
+        check_number(self, "seed", low=0, integer=True, optional=True)
         if self.lora is not None:
             lora = dict(self.lora)
             unknown = sorted(set(lora) - set(LORA_KEYS))
@@ -203,6 +207,7 @@ def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, 
                loggers: list[Logger], run_dir: Path, seed: int, fmt: PromptFormat, ckpt_key: Any = None):
     """Fine-tune ``model`` on ``examples`` as the attacker would; returns the attacked plain HF model.
 
+    ``seed`` orders the batches (the caller passes ``attack.seed`` when it is set, else the run's seed).
     Checkpoints go to ``run_dir/checkpoints``; a re-run of the same ``ckpt_key`` resumes from them."""
     pl.seed_everything(seed, workers=True, verbose=False)
     module = AttackModule(model, attack)
