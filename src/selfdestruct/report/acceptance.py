@@ -64,6 +64,20 @@ def _runs(report: Report, seed: int | None, defense: str, runs_of: Sequence[Path
             and r.defense == defense and (under is None or any(r.path.resolve().is_relative_to(p) for p in under))]
 
 
+def _check_one_run_per_cell(seed: int | None, defense: str, harmful: Sequence[Run]) -> None:
+    """The bars count cells of one grid: two runs of one cell (two attack orders, or one directory given twice)
+    would be counted twice, so they are refused with both paths named."""
+    seen: dict[tuple, Run] = {}
+    for run in harmful:
+        cell = (run.attack_kind or "harmful", run.lr, run.num_samples)
+        if cell in seen:
+            raise ValueError(
+                f"{defense} seed {seed}: two runs of the cell lr {run.lr:g} x {run.num_samples} "
+                f"(attack.seed {seen[cell].attack_seed} and {run.attack_seed}): {seen[cell].path} and {run.path}; "
+                "give the directories of one grid (one attack order) at a time")
+        seen[cell] = run
+
+
 def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
     """One row per seed and defense that has attack runs (only runs under ``runs_of`` when given)."""
     out = []
@@ -74,6 +88,7 @@ def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
             benign = [r for r in runs if r.attack_kind == "benign"]
+            _check_one_run_per_cell(seed, defense, harmful)
             ids = {id(r) for r in harmful}
             cells = [j for j in report.judged if id(j.run) in ids]
             won = [no_win_margin(number(j.run.post, "harmful_score"), j.hs_aligned, number(j.run.post, "utility"),
@@ -196,11 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
-        table = rows(report, args.roots)
-        if args.sft:  # one report of both: SFT rows from --sft only, the defenses' from the roots
-            table = [r for r in rows(report, args.sft) if r.defense == BASELINE_DEFENSE] + \
-                [r for r in table if r.defense != BASELINE_DEFENSE]
-            table.sort(key=lambda r: (r.seed is None, r.seed or 0))
+        try:
+            table = rows(report, args.roots)
+            if args.sft:  # one report of both: SFT rows from --sft only, the defenses' from the roots
+                table = [r for r in rows(report, args.sft) if r.defense == BASELINE_DEFENSE] + \
+                    [r for r in table if r.defense != BASELINE_DEFENSE]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        table.sort(key=lambda r: (r.seed is None, r.seed or 0))
         text = markdown(table)
     print(text)
     if args.out:

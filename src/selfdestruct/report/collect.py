@@ -61,6 +61,12 @@ class Run:
     job_overrides: list[str] | None = None  # metrics.json "overrides": the ones that define what the job computes
     search_trial: int | None = None  # the trial number when the run is a trial of sweep=attack_search
 
+    @property
+    def attack_seed(self) -> int | None:
+        """The attack's own seed (``attack.seed``: its batch order) when one was set; None = the run's seed."""
+        value = self.attack_config.get("seed")
+        return self.seed if value is None else as_int(value)
+
 
 def read_json(path: Path, default: Any = None) -> Any:
     """A JSON file's content, or ``default`` when it is missing or unreadable."""

@@ -320,9 +320,9 @@ def _search_section(report: Report) -> str:
     return "".join(parts)
 
 
-def _environment_warning(report: Report) -> str:
-    warning = report.environment_warning()
-    return f'<p class="warning" id="environment-warning">Warning: {escape(warning)}</p>' if warning else ""
+def _warnings(report: Report) -> str:
+    found = {"environment-warning": report.environment_warning(), "attack-order-warning": report.attack_order_warning()}
+    return "".join(f'<p class="warning" id="{key}">Warning: {escape(text)}</p>' for key, text in found.items() if text)
 
 
 def render_dashboard(report: Report, curves_png: bytes | None = None) -> str:
@@ -339,7 +339,7 @@ def render_dashboard(report: Report, curves_png: bytes | None = None) -> str:
         f'<p class="meta">{len(attack)} attack runs, {len(report.defense_runs())} defense runs, '
         f'<span id="failed-count">{failed}</span> failed or invalid — generated {stamp} from '
         + ", ".join(f"<code>{escape(str(root))}</code>" for root in report.roots) + "</p>",
-        legend, _environment_warning(report), "</header>",
+        legend, _warnings(report), "</header>",
         _nowin_table(report),
         _search_section(report),
         *(_kind_section(report, kind) for kind in report.attack_kinds()),

@@ -166,8 +166,7 @@ def summary_markdown(report: Report) -> str:
         "seed.",
         "",
     ]
-    warning = report.environment_warning()
-    if warning:
+    for warning in report.warnings():
         lines += [f"> **Warning:** {_md(warning)}", ""]
     harmful = [k for k in report.attack_kinds() if k in HARMFUL_KINDS]
     if harmful:

@@ -301,6 +301,27 @@ class Report:
         return ("runs made in different environments are compared; their numbers may differ for that reason "
                 "alone: " + "; ".join(parts))
 
+    def attack_order_warning(self) -> str | None:
+        """A warning when one defended model (defense and seed) was attacked under several attack orders
+        (``attack.seed``): its cells are then pooled, as if they were more seeds."""
+        orders: dict[tuple[str | None, int | None], set[int | None]] = defaultdict(set)
+        for run in self.runs:
+            if run.status == "ok" and run.stage == "attack" and (run.attack_kind or "harmful") in HARMFUL_KINDS:
+                orders[(run.defense, run.seed)].add(run.attack_seed)
+        pooled = [f"{defense} seed {seed} ({', '.join(str(s) for s in sorted(found, key=_seed_order))})"
+                  for (defense, seed), found in sorted(orders.items(), key=lambda kv: (str(kv[0][0]),
+                                                                                    _seed_order(kv[0][1])))
+                  if len(found) > 1]
+        if not pooled:
+            return None
+        return ("cells of one defended model attacked under several attack orders (attack.seed) are pooled here as "
+                "if they were more seeds, so its no-win count is out of more than one grid: " + "; ".join(pooled)
+                + ". Report each attack order from its own directory to count them separately")
+
+    def warnings(self) -> list[str]:
+        """Everything a reader of the comparison should know before reading it."""
+        return [w for w in (self.environment_warning(), self.attack_order_warning()) if w]
+
     def defense_runs(self) -> list[Judged]:
         return [j for j in self.judged if j.run.stage == "defend" and j.run.status == "ok"]
 
