@@ -224,6 +224,33 @@ def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in runs]
 
 
+def attack_order_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
+    """Each defended model (defense, seed) under each attack order found under ``roots`` (``attack.seed``; the
+    run's own seed first): its no-win count on the 3 × 3 grid, and their range."""
+    from selfdestruct.report import acceptance, build_report, collect
+    from selfdestruct.report.verdict import HARMFUL_KINDS
+
+    runs = [r for r in collect(roots) if r.status == "ok" and r.stage == "attack"
+            and (r.attack_kind or "harmful") in HARMFUL_KINDS]
+    groups: dict[tuple, list] = {}
+    for run in runs:  # one grid per (seed, attack order), every defense of it judged together (SFT's reference)
+        groups.setdefault((run.seed, run.attack_seed), []).append(run)
+    won: dict[tuple, dict] = {}
+    for (seed, order), members in groups.items():
+        for row in acceptance.rows(build_report(roots, members)):
+            won.setdefault((row.defense, seed), {})[order] = f"{row.won}/{row.cells}"
+    orders = sorted({order for (seed, order) in groups if order != seed})
+    lines = ["One defended model attacked under several attack orders (`attack.seed`: the order of the attack's "
+             "batches; the defended model is the same), no-win on the 3 × 3 grid:", "",
+             "| defense | seed | its own order | " + " | ".join(f"attack.seed {o}" for o in orders) + " | range |",
+             "|---|---|---|" + "---|" * len(orders) + "---|"]
+    for (defense, seed), counts in sorted(won.items(), key=lambda kv: (kv[0][0] != "sft", kv[0][0], kv[0][1])):
+        cells = [counts.get(seed, "—"), *(counts.get(o, "—") for o in orders)]
+        numbers = [int(c.split("/")[0]) for c in cells if c != "—"]
+        lines.append(f"| {defense} | {seed} | " + " | ".join(cells) + f" | {min(numbers)}–{max(numbers)} |")
+    return lines, [{"environment": run.environment} for run in runs]
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -335,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the output directory of experiments/nowin/ctrap_recipe.py: its comparison table")
     parser.add_argument("--nowin", nargs="*", type=Path, default=[],
                         help="the output directory of experiments/nowin/run.py: its side-by-side table")
+    parser.add_argument("--attack-orders", nargs="*", type=Path, default=[],
+                        help="grids of the same defended models under several attack.seed values "
+                             "(experiments/nowin/attack_orders.sh), with the grids of their own order")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -351,15 +381,15 @@ def main(argv: list[str] | None = None) -> int:
                                                            args.selection_caption)),
                 (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
                 (args.kernel_paths, kernel_table), (args.search, search_table),
-                (args.recipe, recipe_table), (args.nowin, nowin_table)]
+                (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
             lines += table + [""]
             everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe and/or --nowin "
-                     "directories")
+        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin "
+                     "and/or --attack-orders directories")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

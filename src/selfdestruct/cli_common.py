@@ -158,9 +158,14 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def defense_spec(cfg: DictConfig) -> DefenseSpec:
     node = cfg.defense
-    unknown = sorted(set(node) - {"name", "label", "params", "optim"})
+    unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed"})
     if unknown:
-        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim)")
+        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed)")
+    seed = node.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UserError(f"defense.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
+    if seed is not None and node.name == "sft":
+        raise UserError(f"defense.seed={seed}: defense=sft trains nothing, so it has no seed of its own")
     params = OmegaConf.to_container(node.params, resolve=True) if node.get("params") else {}
     optim = to_dataclass(OptimConfig, node.optim, "defense.optim") if node.get("optim") else None
     if node.name != "sft" and optim is None:
@@ -169,7 +174,7 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 
     parsed = parse_params(str(node.name), params)  # every defense parameter checked before any work, once
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
-                       parsed=parsed)
+                       parsed=parsed, seed=seed)
 
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:

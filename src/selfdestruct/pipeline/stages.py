@@ -167,6 +167,7 @@ class DefenseSpec:
     optim: OptimConfig | None = None
     label: str = ""  # how reports name it (e.g. "seam-tuned"); the method's name when empty
     parsed: Any = None  # ``params`` as the defense's parameter dataclass, parsed once when the config is checked
+    seed: int | None = None  # the defense stage's own seed (its data order); None: the run's seed
 
     @property
     def display_name(self) -> str:
@@ -183,20 +184,24 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
            "label": defense.display_name,
            "params": defense.params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
+    if defense.seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
+        key["defense_seed"] = defense.seed
+    seed = ctx.seed if defense.seed is None else defense.seed
 
     def build(out: Path) -> None:
-        pl.seed_everything(ctx.seed, workers=True, verbose=False)
+        pl.seed_everything(seed, workers=True, verbose=False)
         model, tokenizer = load_model_dir(aligned_dir, key="aligned model", options=ctx.load)
         aligned_metrics, _ = evaluate(model, tokenizer, "aligned")
         if defense.name != "sft":
             from selfdestruct.pipeline.defense import apply_defense
 
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
-            stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out)
+            stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out, seed=seed)
             model = apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params,
                                   defense.optim, ckpt_dir=work_dir(ctx.cache_root, "defend", key) / "checkpoints",
                                   ckpt_key=key)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": ctx.seed,
+                      "defense_seed": seed,
                       "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key}
         save_model_dir(model, tokenizer, out / "model", provenance)
 
