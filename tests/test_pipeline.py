@@ -232,3 +232,25 @@ def test_a_capped_run_never_fills_the_cache_entry_another_length_reads(tmp_path)
     assert sorted(steps) == [2, 3]
     # an uncapped run's key is what it was before the cap was part of it, so existing caches stay valid
     assert length_key(TrainerConfig()) == {"fast_dev_run": False}
+
+
+def test_defense_seed_trains_the_defense_in_its_own_order_on_one_aligned_model(tmp_path):
+    """defense.seed=null and defense.seed equal to the run's seed are one defended model (one cache entry, whose key
+    is what it was before the option existed); another defense.seed trains the defense of the same aligned model in
+    another order: another cache entry, other released weights, recorded in the model's provenance."""
+    cache = tmp_path / "cache"
+    base = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",
+            f"paths.cache_dir={cache}", "defense=seam", "defense.params.num_samples=8", "trainer.max_steps=2",
+            "seed=3"]
+    weights, keys = {}, {}
+    for name, extra in (("null", []), ("same", ["defense.seed=3"]), ("other", ["defense.seed=4"])):
+        metrics = defend(compose_config("defend", [*base, *extra], tmp_path / name))
+        weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+        provenance = json.loads((tmp_path / name / "model" / "selfdestruct.json").read_text())
+        keys[name] = provenance["key"]
+        assert provenance["defense_seed"] == (4 if name == "other" else 3) and metrics["seed"] == 3
+    assert "defense_seed" not in keys["null"] and keys["same"]["defense_seed"] == 3
+    assert all(torch.equal(weights["null"][k], weights["same"][k]) for k in weights["null"])
+    assert not all(torch.equal(weights["null"][k], weights["other"][k]) for k in weights["null"])
+    assert len(list((cache / "align").glob("*/key.json"))) == 1  # one aligned model under all three
+    assert len(list((cache / "defend").glob("*/key.json"))) == 3
