@@ -31,8 +31,11 @@ def _generator():
      "second_machine_heldout"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "fresh_seeds_second_machine.md",
      "fresh_seeds"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "attack_orders_second_machine.md",
+     "attack_orders"),
 ], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
-        "nowin-README-second-machine", "nowin-README-second-machine-heldout", "nowin-README-fresh-seeds"])
+        "nowin-README-second-machine", "nowin-README-second-machine-heldout", "nowin-README-fresh-seeds",
+        "nowin-README-attack-orders"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
@@ -235,3 +238,26 @@ def test_nowin_table_shows_every_defense_and_seed_of_a_run_py_tree(tmp_path):
     assert "| 0.0002 × 100 | 0.00 / " in text and len(metrics) == 2 * 2 * 4
     with pytest.raises(SystemExit, match="no defend/, grid/ or benign/ runs"):
         gen.nowin_table([tmp_path / "empty"])
+
+
+def test_attack_order_table_counts_each_order_of_one_model_separately(tmp_path):
+    """--attack-orders: one row per defended model, one column per attack order (its own first), the range."""
+    gen = _generator()
+    env = {"cpu": "Test CPU", "cpu_capability": "AVX2", "torch_threads": 1, "python": "3.11.7",
+           "packages": {"torch": "2.13.0"}, "env": {}}
+    for order, broken in ((None, 1), (101, 3)):  # its own order breaks 1 of 9 cells, attack.seed 101 breaks 3
+        for i, (lr, n) in enumerate((lr, n) for lr in (2e-4, 3e-4, 5e-4) for n in (100, 500, 1000)):
+            for defense, hs in (("trap", 0.9 if i < broken else 0.0), ("sft", 0.0 if i < 2 else 0.9)):
+                cell = tmp_path / f"a{order}" / f"{defense}{i}"
+                cell.mkdir(parents=True)
+                (cell / "metrics.json").write_text(json.dumps({
+                    "defense": defense, "seed": 13, "pre": {"harmful_score": 0.0, "utility": 0.9},
+                    "post": {"harmful_score": hs, "utility": 0.85}, "environment": env,
+                    "attack": {"kind": "harmful", "lr": lr, "num_samples": n, "epochs": 2,
+                               "config": {"seed": order}}}))
+    out = tmp_path / "orders.md"
+    assert gen.main(["--attack-orders", str(tmp_path / "aNone"), str(tmp_path / "a101"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| defense | seed | its own order | attack.seed 101 | range |" in text
+    assert "| sft | 13 | 2/9 | 2/9 | 2–2 |" in text
+    assert "| trap | 13 | 8/9 | 6/9 | 6–8 |" in text

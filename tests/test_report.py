@@ -483,10 +483,10 @@ def test_attack_orders_are_counted_one_grid_at_a_time(tmp_path, capsys):
                        {"harmful_score": 0.9 if i < broken else 0.0, "utility": 0.85}, attack_seed=order)
     report = build_report([tmp_path], collect([tmp_path]))
     assert "trap seed 13 (13, 101)" in report.attack_order_warning()
-    with pytest.raises(ValueError, match=r"trap seed 13: two runs of the cell lr .* \(attack.seed (13 and 101|101 and 13)\)"):
+    with pytest.raises(ValueError, match=r"trap seed 13: the cell lr .* under two attack orders \(attack.seed (13 and 101|101 and 13)\)"):
         acceptance.rows(report)
     assert acceptance.main([str(tmp_path)]) == 2
-    assert "give the directories of one grid" in capsys.readouterr().err
+    assert "give the directories of one attack order at a time" in capsys.readouterr().err
     won = {}
     for order in (None, 101):
         root = tmp_path / f"a{order}"

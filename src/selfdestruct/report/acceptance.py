@@ -64,18 +64,18 @@ def _runs(report: Report, seed: int | None, defense: str, runs_of: Sequence[Path
             and r.defense == defense and (under is None or any(r.path.resolve().is_relative_to(p) for p in under))]
 
 
-def _check_one_run_per_cell(seed: int | None, defense: str, harmful: Sequence[Run]) -> None:
-    """The bars count cells of one grid: two runs of one cell (two attack orders, or one directory given twice)
-    would be counted twice, so they are refused with both paths named."""
+def _check_one_attack_order(seed: int | None, defense: str, harmful: Sequence[Run]) -> None:
+    """The bars count the cells of one grid: runs of one cell under two attack orders (``attack.seed``) would be
+    counted as two cells, so they are refused, both paths named."""
     seen: dict[tuple, Run] = {}
     for run in harmful:
         cell = (run.attack_kind or "harmful", run.lr, run.num_samples)
-        if cell in seen:
+        other = seen.setdefault(cell, run)
+        if other.attack_seed != run.attack_seed:
             raise ValueError(
-                f"{defense} seed {seed}: two runs of the cell lr {run.lr:g} x {run.num_samples} "
-                f"(attack.seed {seen[cell].attack_seed} and {run.attack_seed}): {seen[cell].path} and {run.path}; "
-                "give the directories of one grid (one attack order) at a time")
-        seen[cell] = run
+                f"{defense} seed {seed}: the cell lr {run.lr:g} x {run.num_samples} under two attack orders "
+                f"(attack.seed {other.attack_seed} and {run.attack_seed}): {other.path} and {run.path}; give the "
+                "directories of one attack order at a time")
 
 
 def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
@@ -88,7 +88,7 @@ def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
             benign = [r for r in runs if r.attack_kind == "benign"]
-            _check_one_run_per_cell(seed, defense, harmful)
+            _check_one_attack_order(seed, defense, harmful)
             ids = {id(r) for r in harmful}
             cells = [j for j in report.judged if id(j.run) in ids]
             won = [no_win_margin(number(j.run.post, "harmful_score"), j.hs_aligned, number(j.run.post, "utility"),
