@@ -24,7 +24,6 @@ from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions, check_model_files
 from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.models.tiny import TinyLlamaConfig
-from selfdestruct.pipeline.probe import ProbeConfig
 from selfdestruct.pipeline.stages import DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir
 from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
 from selfdestruct.utils.cache import default_cache_root
@@ -159,13 +158,9 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def defense_spec(cfg: DictConfig) -> DefenseSpec:
     node = cfg.defense
-    unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed", "probe"})
+    unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed"})
     if unknown:
-        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed, probe)")
-    probe = to_dataclass(ProbeConfig, node.probe, "defense.probe") if node.get("probe") is not None else None
-    if probe is not None and probe.retrains and node.name == "sft":
-        raise UserError(f"defense.probe.retrains={probe.retrains}: defense=sft trains nothing, so there is nothing to "
-                        "train again (the probe alone measures it)")
+        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed)")
     seed = node.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise UserError(f"defense.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
@@ -179,7 +174,7 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 
     parsed = parse_params(str(node.name), params)  # every defense parameter checked before any work, once
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
-                       parsed=parsed, seed=seed, probe=probe)
+                       parsed=parsed, seed=seed)
 
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:

@@ -21,8 +21,6 @@ from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_pa
 from selfdestruct.modules.attack import AttackModule
 from selfdestruct.modules.base import OPTIMIZERS
 from selfdestruct.modules.sft import SFTModule
-from selfdestruct.pipeline.probe import retrain_seed, trap_probe
-from selfdestruct.pipeline.streams import benign_tasks
 from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig, fit
 from selfdestruct.errors import FieldError, UserError, check_choice, check_number
 from selfdestruct.utils.cache import cached_dir, work_dir
@@ -170,7 +168,6 @@ class DefenseSpec:
     label: str = ""  # how reports name it (e.g. "seam-tuned"); the method's name when empty
     parsed: Any = None  # ``params`` as the defense's parameter dataclass, parsed once when the config is checked
     seed: int | None = None  # the defense stage's own seed (its data order); None: the run's seed
-    probe: Any = None  # a ProbeConfig (pipeline/probe.py): probe the released model's trap, retrain if shallow
 
     @property
     def display_name(self) -> str:
@@ -189,76 +186,26 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
            "params": defense.params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
     if defense.seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
         key["defense_seed"] = defense.seed
-    if defense.probe is not None:
-        key["probe"] = dataclasses.asdict(defense.probe)
     seed = ctx.seed if defense.seed is None else defense.seed
-
-    def train(model, tokenizer, out: Path, attempt: int):
-        """The defense of the aligned ``model`` in data order ``retrain_seed(seed, attempt)``."""
-        from selfdestruct.pipeline.defense import apply_defense
-
-        order = retrain_seed(seed, attempt)
-        csv = CSVLogger(save_dir=str(out), name="csv", version="" if attempt == 0 else f"retrain{attempt}")
-        stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out, seed=order)
-        suffix = "" if attempt == 0 else f"_retrain{attempt}"
-        return apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params, defense.optim,
-                             ckpt_dir=work_dir(ctx.cache_root, "defend", key) / f"checkpoints{suffix}",
-                             ckpt_key=key if attempt == 0 else {**key, "retrain": attempt})
 
     def build(out: Path) -> None:
         pl.seed_everything(seed, workers=True, verbose=False)
         model, tokenizer = load_model_dir(aligned_dir, key="aligned model", options=ctx.load)
         aligned_metrics, _ = evaluate(model, tokenizer, "aligned")
-        probes: list[dict] = []
         if defense.name != "sft":
-            model = train(model, tokenizer, out, 0)
-        if defense.probe is not None:
-            model, probes = _probe_and_retrain(model, tokenizer, defense, ctx, seed, out,
-                                               lambda attempt: train(load_model_dir(
-                                                   aligned_dir, key="aligned model", options=ctx.load)[0],
-                                                   tokenizer, out, attempt))
+            from selfdestruct.pipeline.defense import apply_defense
+
+            csv = CSVLogger(save_dir=str(out), name="csv", version="")
+            stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out, seed=seed)
+            model = apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params,
+                                  defense.optim, ckpt_dir=work_dir(ctx.cache_root, "defend", key) / "checkpoints",
+                                  ckpt_key=key)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": ctx.seed,
                       "defense_seed": seed,
                       "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key}
-        if probes:
-            provenance["probe"] = probes
         save_model_dir(model, tokenizer, out / "model", provenance)
 
     return cached_dir(ctx.cache_root, "defend", key, build) / "model"
-
-
-def _probe_and_retrain(model, tokenizer, defense: DefenseSpec, ctx: StageContext, seed: int, out: Path, retrain):
-    """Probe the released ``model``'s trap (pipeline/probe.py); while its score is below ``min_score`` and retrains
-    are left, train the defense again in the next data order (``retrain(attempt)``) and keep the better-probed
-    model. Returns the model to release and every probe's record (the released one marked)."""
-    probe = defense.probe
-    harmful, benign = ctx.bundle.defense_harmful, benign_tasks(ctx.bundle.align)
-    max_length = defense.optim.max_length if defense.optim else 96
-
-    def measure(candidate, attempt: int) -> dict:
-        result = trap_probe(candidate, tokenizer, harmful, benign, ctx.fmt, probe, seed, max_length)
-        after = ", ".join(f"{lr:g}: {ce:.3f}" for lr, ce in result["after"].items())
-        log.info("trap probe of training %d (data order %d): score %.3f nats (benign CE %.3f before; after a "
-                 "harmful fine-tune at lr %s)", attempt, retrain_seed(seed, attempt), result["score"],
-                 result["before"], after)
-        return {"attempt": attempt, "data_order": retrain_seed(seed, attempt), **result, "released": False}
-
-    records = [measure(model, 0)]
-    best = 0
-    for attempt in range(1, probe.retrains + 1):
-        if records[best]["score"] >= probe.min_score:
-            break
-        log.warning("trap probe: score %.3f < defense.probe.min_score=%g: training the defense again in data order "
-                    "%d (retrain %d of %d)", records[best]["score"], probe.min_score, retrain_seed(seed, attempt),
-                    attempt, probe.retrains)
-        candidate = retrain(attempt)
-        records.append(measure(candidate, attempt))
-        if records[-1]["score"] > records[best]["score"]:
-            model, best = candidate, attempt
-    records[best]["released"] = True
-    if len(records) > 1:
-        log.info("trap probe: released training %d (score %.3f)", best, records[best]["score"])
-    return model, records
 
 
 def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, trainer_cfg: TrainerConfig,
