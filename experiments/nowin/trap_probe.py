@@ -1,0 +1,117 @@
+"""Probe the traps of saved defended models with the defender's data only, one JSON line per model.
+
+    python experiments/nowin/trap_probe.py DEFEND_RUN_OR_MODEL_DIR ... [--out FILE]
+
+For each model: AdamW fine-tunes of a copy on the defense's harmful pool (``DataBundle.defense_harmful``, never the
+attacker's data), ``STEPS`` steps of ``BATCH`` examples at each learning rate of ``LRS``, then the mean
+response-token cross-entropy on the first ``NUM_BENIGN`` benign tasks of the alignment data; the score is the
+median of those cross-entropies over the learning rates. The data order is the model's defense seed (its
+provenance). A defend run directory stands for its model/, a grid cell for the model its metrics.json names.
+experiments/nowin/README.md ("What decides a shallow trap") reports how well the score predicts the no-win count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+LRS = (2e-4, 3e-4, 5e-4)
+STEPS, BATCH, NUM_BENIGN, MAX_LENGTH = 60, 16, 256, 96
+
+
+def _batches(examples, tokenizer, fmt, size: int, device) -> list[dict[str, torch.Tensor]]:
+    from selfdestruct.data.formatting import collate, encode_example
+
+    features = [encode_example(tokenizer, ex, MAX_LENGTH, fmt, None) for ex in examples]
+    return [{k: v.to(device) for k, v in collate(features[i:i + size], tokenizer.pad_token_id).items()}
+            for i in range(0, len(features), size)]
+
+
+@torch.no_grad()
+def mean_response_ce(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Cross-entropy per labelled token over ``batches`` (each batch weighted by its labelled tokens)."""
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        tokens += n
+    return total / tokens
+
+
+def trap_probe(model: torch.nn.Module, tokenizer, harmful, benign, fmt, seed: int, lrs=LRS, steps: int = STEPS,
+               batch: int = BATCH, num_benign: int = NUM_BENIGN) -> dict:
+    """``{"before": ce, "after": {lr: ce}, "score": median of after}`` (nats per token); the weights are put back
+    exactly afterwards."""
+    device = next(model.parameters()).device
+    order = list(harmful)
+    random.Random(seed).shuffle(order)
+    train = _batches(order, tokenizer, fmt, batch, device)
+    measured = _batches(list(benign)[:num_benign], tokenizer, fmt, 32, device)
+    model.eval()
+    before = mean_response_ce(model, measured)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    after = {}
+    try:
+        for lr in lrs:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+            model.train()
+            for step in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                model(**train[step % len(train)]).loss.backward()
+                optimizer.step()
+            model.eval()
+            after[float(lr)] = mean_response_ce(model, measured)
+            model.load_state_dict(start)
+    finally:
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+    return {"before": before, "after": after, "score": statistics.median(after.values())}
+
+
+def model_dir(path: Path) -> Path:
+    if (path / "model").is_dir():  # a defend run keeps its model beside its metrics.json
+        return path / "model"
+    if (path / "metrics.json").is_file():
+        return Path(json.loads((path / "metrics.json").read_text())["model_path"])
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from selfdestruct import cli_common as cc
+    from selfdestruct.models.io import load_model_dir, read_provenance
+    from selfdestruct.pipeline.streams import benign_tasks
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="defend")
+    bundle, fmt = cc.data_bundle(cfg), cc.prompt_format(cfg)
+    for path in args.paths:
+        model_path = model_dir(path)
+        model, tokenizer = load_model_dir(model_path)
+        provenance = read_provenance(model_path)
+        seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
+        result = trap_probe(model, tokenizer, bundle.defense_harmful, benign_tasks(bundle.align), fmt, seed)
+        line = json.dumps({"path": str(path), "model": str(model_path), "defense": provenance.get("defense"),
+                           "seed": provenance.get("seed"), "probe_order": seed, **result})
+        print(line, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
