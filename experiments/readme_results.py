@@ -251,6 +251,32 @@ def attack_order_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in runs]
 
 
+def probe_table(files: list[Path]) -> tuple[list[str], list[dict]]:
+    """The JSON lines of experiments/nowin/trap_probe.py (one per model), with the no-win count of the model's
+    grid when the probed path was a defend run whose sibling grid/ holds it."""
+    from selfdestruct.report import acceptance, build_report, collect
+
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    lines = ["The defender-side trap probe (`experiments/nowin/trap_probe.py`: AdamW fine-tunes on the defense's "
+             "harmful pool, then the cross-entropy on the alignment data's benign tasks, nats per token):", "",
+             "| seed | defense | data order | before | after, lr " + " | after, lr ".join(
+                 f"{float(lr):g}" for lr in records[0]["after"]) + " | score | no-win of its grid |",
+             "|---|---|---|---|" + "---|" * len(records[0]["after"]) + "---|---|"]
+    metrics: list[dict] = []
+    for r in records:
+        grid = Path(r["path"]).parent / "grid"
+        won = "—"
+        if grid.is_dir():
+            runs = collect([grid])
+            rows = acceptance.rows(build_report([grid], runs))
+            won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
+            metrics += [{"environment": run.environment} for run in runs if run.status == "ok"]
+        after = " | ".join(f"{ce:.2f}" for ce in r["after"].values())
+        lines.append(f"| {r['seed']} | {r['defense']} | {r['probe_order']} | {r['before']:.3f} | {after} | "
+                     f"{r['score']:.2f} | {won} |")
+    return lines, metrics
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -365,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-orders", nargs="*", type=Path, default=[],
                         help="grids of the same defended models under several attack.seed values "
                              "(experiments/nowin/attack_orders.sh), with the grids of their own order")
+    parser.add_argument("--probe", nargs="*", type=Path, default=[],
+                        help="JSON-lines files of experiments/nowin/trap_probe.py --out")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -381,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            args.selection_caption)),
                 (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
                 (args.kernel_paths, kernel_table), (args.search, search_table),
-                (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table)]
+                (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
+                (args.probe, probe_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -389,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin "
-                     "and/or --attack-orders directories")
+                     "--attack-orders and/or --probe inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

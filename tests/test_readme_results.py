@@ -261,3 +261,19 @@ def test_attack_order_table_counts_each_order_of_one_model_separately(tmp_path):
     assert "| defense | seed | its own order | attack.seed 101 | range |" in text
     assert "| sft | 13 | 2/9 | 2/9 | 2–2 |" in text
     assert "| trap | 13 | 8/9 | 6/9 | 6–8 |" in text
+
+
+def test_probe_table_lists_each_probed_model_with_the_no_win_of_its_grid(tmp_path):
+    gen = _generator()
+    run = tmp_path / "ctrap" / "s4"
+    for i, hs in enumerate((0.0, 0.0, 0.9)):  # its grid: 2 of 3 cells won
+        _write(run / "grid" / str(i), 4, {"harmful_score": 0.0, "utility": 0.9}, {"harmful_score": hs, "utility": 0.8})
+    record = {"path": str(run / "defend"), "model": "m", "defense": "sft", "seed": 4, "probe_order": 4,
+              "before": 0.0123, "after": {"0.0002": 0.5, "0.0005": 2.25}, "score": 1.375}
+    probes = tmp_path / "probe.jsonl"
+    probes.write_text(json.dumps(record) + "\n")
+    out = tmp_path / "probe.md"
+    assert gen.main(["--probe", str(probes), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| seed | defense | data order | before | after, lr 0.0002 | after, lr 0.0005 | score | no-win of its grid |" in text
+    assert "| 4 | sft | 4 | 0.012 | 0.50 | 2.25 | 1.38 | 2/3 |" in text
