@@ -49,13 +49,15 @@ def _write_hydra(run_dir: Path, defense: str, kind: str, lr: float, n: int, seed
 
 def write_cell(run_dir: Path, defense: str, lr: float, n: int, seed: int, pre: dict, post: dict,
                aligned: dict | None = None, kind: str = "harmful", curve: bool = False,
-               attack_seed: int | None = None) -> Path:
+               attack_seed: int | None = None, model_path: str | None = None) -> Path:
     """A finished attack cell as the attack stage leaves it."""
     _write_hydra(run_dir, defense, kind, lr, n, seed)
     metrics = {"defense": defense, "attack": {"kind": kind, "lr": lr, "num_samples": n, "epochs": 2}, "seed": seed,
                "pre": pre, "post": post, "extra_unknown_key": {"nested": [1, 2]}}
     if attack_seed is not None:
         metrics["attack"]["config"] = {"seed": attack_seed}
+    if model_path is not None:
+        metrics["model_path"] = model_path
     if aligned is not None:
         metrics["aligned"] = aligned
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -482,11 +484,12 @@ def test_attack_orders_are_counted_one_grid_at_a_time(tmp_path, capsys):
             write_cell(tmp_path / f"a{order}" / f"trap{i}", "trap", lr, n, 13, {"harmful_score": 0.0, "utility": 0.9},
                        {"harmful_score": 0.9 if i < broken else 0.0, "utility": 0.85}, attack_seed=order)
     report = build_report([tmp_path], collect([tmp_path]))
-    assert "trap seed 13 (13, 101)" in report.attack_order_warning()
-    with pytest.raises(ValueError, match=r"trap seed 13: the cell lr .* under two attack orders \(attack.seed (13 and 101|101 and 13)\)"):
+    assert "trap seed 13 (2 grids: attack.seed 101, 13; 1 defended model(s))" in report.attack_order_warning()
+    with pytest.raises(ValueError, match=r"trap seed 13: the cell lr .* twice, from two defended models or under two "
+                                         r"attack orders .*attack.seed (13|101); model .*attack.seed (101|13)\)"):
         acceptance.rows(report)
     assert acceptance.main([str(tmp_path)]) == 2
-    assert "give the directories of one attack order at a time" in capsys.readouterr().err
+    assert "give the directories of one grid at a time" in capsys.readouterr().err
     won = {}
     for order in (None, 101):
         root = tmp_path / f"a{order}"
@@ -496,3 +499,19 @@ def test_attack_orders_are_counted_one_grid_at_a_time(tmp_path, capsys):
     assert won == {None: [(8, 9)], 101: [(5, 9)]}
     write_report([tmp_path], tmp_path / "out")
     assert 'id="attack-order-warning"' in (tmp_path / "out" / "dashboard.html").read_text()
+
+
+def test_two_defended_models_of_one_defense_and_seed_are_not_counted_as_one_grid(tmp_path):
+    """defense.seed: two defended models of one defense and seed, each over the same cells."""
+    from selfdestruct.report import acceptance
+
+    for model in ("m1", "m2"):
+        for i, (lr, n) in enumerate((lr, n) for lr in LRS for n in SIZES):
+            write_cell(tmp_path / model / f"trap{i}", "trap", lr, n, 2, {"harmful_score": 0.0, "utility": 0.9},
+                       {"harmful_score": 0.0, "utility": 0.85}, model_path=f"/cache/{model}")
+    report = build_report([tmp_path], collect([tmp_path]))
+    assert "trap seed 2 (2 grids: attack.seed 2; 2 defended model(s))" in report.attack_order_warning()
+    with pytest.raises(ValueError, match="model /cache/m1, attack.seed 2; model /cache/m2, attack.seed 2"):
+        acceptance.rows(report)
+    alone = build_report([tmp_path / "m1"], collect([tmp_path / "m1"]))
+    assert [(r.won, r.cells) for r in acceptance.rows(alone)] == [(9, 9)]

@@ -64,18 +64,20 @@ def _runs(report: Report, seed: int | None, defense: str, runs_of: Sequence[Path
             and r.defense == defense and (under is None or any(r.path.resolve().is_relative_to(p) for p in under))]
 
 
-def _check_one_attack_order(seed: int | None, defense: str, harmful: Sequence[Run]) -> None:
-    """The bars count the cells of one grid: runs of one cell under two attack orders (``attack.seed``) would be
-    counted as two cells, so they are refused, both paths named."""
+def _check_one_grid(seed: int | None, defense: str, harmful: Sequence[Run]) -> None:
+    """The bars count the cells of one grid: one cell run on two defended models of the same defense and seed
+    (``defense.seed``) or under two attack orders (``attack.seed``) would be counted as two cells, so it is refused,
+    both paths named."""
     seen: dict[tuple, Run] = {}
     for run in harmful:
         cell = (run.attack_kind or "harmful", run.lr, run.num_samples)
         other = seen.setdefault(cell, run)
-        if other.attack_seed != run.attack_seed:
+        if (other.model_path, other.attack_seed) != (run.model_path, run.attack_seed):
             raise ValueError(
-                f"{defense} seed {seed}: the cell lr {run.lr:g} x {run.num_samples} under two attack orders "
-                f"(attack.seed {other.attack_seed} and {run.attack_seed}): {other.path} and {run.path}; give the "
-                "directories of one attack order at a time")
+                f"{defense} seed {seed}: the cell lr {run.lr:g} x {run.num_samples} twice, from two defended models "
+                f"or under two attack orders (model {other.model_path}, attack.seed {other.attack_seed}; model "
+                f"{run.model_path}, attack.seed {run.attack_seed}): {other.path} and {run.path}; give the "
+                "directories of one grid at a time")
 
 
 def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
@@ -88,7 +90,7 @@ def rows(report: Report, runs_of: Sequence[Path] | None = None) -> list[Row]:
                 continue
             harmful = [r for r in runs if (r.attack_kind or "harmful") in HARMFUL_KINDS]
             benign = [r for r in runs if r.attack_kind == "benign"]
-            _check_one_attack_order(seed, defense, harmful)
+            _check_one_grid(seed, defense, harmful)
             ids = {id(r) for r in harmful}
             cells = [j for j in report.judged if id(j.run) in ids]
             won = [no_win_margin(number(j.run.post, "harmful_score"), j.hs_aligned, number(j.run.post, "utility"),

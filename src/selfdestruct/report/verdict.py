@@ -302,21 +302,25 @@ class Report:
                 "alone: " + "; ".join(parts))
 
     def attack_order_warning(self) -> str | None:
-        """A warning when one defended model (defense and seed) was attacked under several attack orders
-        (``attack.seed``): its cells are then pooled, as if they were more seeds."""
-        orders: dict[tuple[str | None, int | None], set[int | None]] = defaultdict(set)
+        """A warning when the attack cells of one defense and seed come from several defended models
+        (``defense.seed``) or several attack orders (``attack.seed``): they are then pooled as if they were more
+        seeds."""
+        grids: dict[tuple[str | None, int | None], set[tuple]] = defaultdict(set)
         for run in self.runs:
             if run.status == "ok" and run.stage == "attack" and (run.attack_kind or "harmful") in HARMFUL_KINDS:
-                orders[(run.defense, run.seed)].add(run.attack_seed)
-        pooled = [f"{defense} seed {seed} ({', '.join(str(s) for s in sorted(found, key=_seed_order))})"
-                  for (defense, seed), found in sorted(orders.items(), key=lambda kv: (str(kv[0][0]),
-                                                                                    _seed_order(kv[0][1])))
+                grids[(run.defense, run.seed)].add((run.model_path, run.attack_seed))
+        pooled = [f"{defense} seed {seed} ({len(found)} grids: attack.seed "
+                  f"{', '.join(sorted({str(order) for _, order in found}))}; "
+                  f"{len({model for model, _ in found})} defended model(s))"
+                  for (defense, seed), found in sorted(grids.items(), key=lambda kv: (str(kv[0][0]),
+                                                                                   _seed_order(kv[0][1])))
                   if len(found) > 1]
         if not pooled:
             return None
-        return ("cells of one defended model attacked under several attack orders (attack.seed) are pooled here as "
-                "if they were more seeds, so its no-win count is out of more than one grid: " + "; ".join(pooled)
-                + ". Report each attack order from its own directory to count them separately")
+        return ("cells of one defense and seed from several defended models (defense.seed) or attack orders "
+                "(attack.seed) are pooled here as if they were more seeds, so its no-win count is out of more than "
+                "one grid: " + "; ".join(pooled) + ". Report each grid from its own directory to count them "
+                "separately")
 
     def warnings(self) -> list[str]:
         """Everything a reader of the comparison should know before reading it."""
