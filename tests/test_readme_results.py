@@ -33,9 +33,13 @@ def _generator():
      "fresh_seeds"),
     (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "attack_orders_second_machine.md",
      "attack_orders"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "defense_orders_second_machine.md",
+     "defense_orders"),
+    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "trap_probe_second_machine.md",
+     "trap_probe"),
 ], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
         "nowin-README-second-machine", "nowin-README-second-machine-heldout", "nowin-README-fresh-seeds",
-        "nowin-README-attack-orders"])
+        "nowin-README-attack-orders", "nowin-README-defense-orders", "nowin-README-trap-probe"])
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
