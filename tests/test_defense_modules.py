@@ -411,7 +411,8 @@ PAPER = {
 @pytest.mark.parametrize("name", ["seam", "ctrap"])
 def test_defense_configs_compose_with_paper_defaults_and_every_key_is_consumed(name, tmp_path):
     cfg = compose_config("defend", [f"defense={name}"], tmp_path)
-    assert set(cfg.defense) == {"name", "params", "optim"} and cfg.defense.name == name
+    assert set(cfg.defense) == {"name", "seed", "params", "optim"} and cfg.defense.name == name
+    assert cfg.defense.seed is None  # the defense's data order is the run's unless asked
     optim = OptimConfig(**cfg.defense.optim)  # every optim key is an OptimConfig field
     params = parse_params(name, cfg.defense.params)  # every params key is a field (unknown keys raise)
     cls = DEFENSES[name].params
