@@ -484,7 +484,7 @@ def test_attack_orders_are_counted_one_grid_at_a_time(tmp_path, capsys):
             write_cell(tmp_path / f"a{order}" / f"trap{i}", "trap", lr, n, 13, {"harmful_score": 0.0, "utility": 0.9},
                        {"harmful_score": 0.9 if i < broken else 0.0, "utility": 0.85}, attack_seed=order)
     report = build_report([tmp_path], collect([tmp_path]))
-    assert "trap seed 13 (2 grids: attack.seed 101, 13; 1 defended model(s))" in report.attack_order_warning()
+    assert "trap seed 13 (2 grids: attack.seed 101, 13; 1 defended model(s))" in report.pooled_grids_warning()
     with pytest.raises(ValueError, match=r"trap seed 13: the cell lr .* twice, from two defended models or under two "
                                          r"attack orders .*attack.seed (13|101); model .*attack.seed (101|13)\)"):
         acceptance.rows(report)
@@ -494,11 +494,11 @@ def test_attack_orders_are_counted_one_grid_at_a_time(tmp_path, capsys):
     for order in (None, 101):
         root = tmp_path / f"a{order}"
         one = build_report([root], collect([root]))
-        assert one.attack_order_warning() is None
+        assert one.pooled_grids_warning() is None
         won[order] = [(row.won, row.cells) for row in acceptance.rows(one)]
     assert won == {None: [(8, 9)], 101: [(5, 9)]}
     write_report([tmp_path], tmp_path / "out")
-    assert 'id="attack-order-warning"' in (tmp_path / "out" / "dashboard.html").read_text()
+    assert 'id="pooled-grids-warning"' in (tmp_path / "out" / "dashboard.html").read_text()
 
 
 def test_two_defended_models_of_one_defense_and_seed_are_not_counted_as_one_grid(tmp_path):
@@ -510,7 +510,7 @@ def test_two_defended_models_of_one_defense_and_seed_are_not_counted_as_one_grid
             write_cell(tmp_path / model / f"trap{i}", "trap", lr, n, 2, {"harmful_score": 0.0, "utility": 0.9},
                        {"harmful_score": 0.0, "utility": 0.85}, model_path=f"/cache/{model}")
     report = build_report([tmp_path], collect([tmp_path]))
-    assert "trap seed 2 (2 grids: attack.seed 2; 2 defended model(s))" in report.attack_order_warning()
+    assert "trap seed 2 (2 grids: attack.seed 2; 2 defended model(s))" in report.pooled_grids_warning()
     with pytest.raises(ValueError, match="model /cache/m1, attack.seed 2; model /cache/m2, attack.seed 2"):
         acceptance.rows(report)
     alone = build_report([tmp_path / "m1"], collect([tmp_path / "m1"]))

@@ -63,7 +63,7 @@ class Run:
 
     @property
     def attack_seed(self) -> int | None:
-        """The attack's own seed (``attack.seed``: its batch order) when one was set; None = the run's seed."""
+        """The seed that ordered the attack's batches: ``attack.seed`` when the run set one, else the run's seed."""
         value = self.attack_config.get("seed")
         return self.seed if value is None else as_int(value)
 

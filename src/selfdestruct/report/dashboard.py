@@ -321,7 +321,7 @@ def _search_section(report: Report) -> str:
 
 
 def _warnings(report: Report) -> str:
-    found = {"environment-warning": report.environment_warning(), "attack-order-warning": report.attack_order_warning()}
+    found = {"environment-warning": report.environment_warning(), "pooled-grids-warning": report.pooled_grids_warning()}
     return "".join(f'<p class="warning" id="{key}">Warning: {escape(text)}</p>' for key, text in found.items() if text)
 
 

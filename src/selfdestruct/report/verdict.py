@@ -301,7 +301,7 @@ class Report:
         return ("runs made in different environments are compared; their numbers may differ for that reason "
                 "alone: " + "; ".join(parts))
 
-    def attack_order_warning(self) -> str | None:
+    def pooled_grids_warning(self) -> str | None:
         """A warning when the attack cells of one defense and seed come from several defended models
         (``defense.seed``) or several attack orders (``attack.seed``): they are then pooled as if they were more
         seeds."""
@@ -324,7 +324,7 @@ class Report:
 
     def warnings(self) -> list[str]:
         """Everything a reader of the comparison should know before reading it."""
-        return [w for w in (self.environment_warning(), self.attack_order_warning()) if w]
+        return [w for w in (self.environment_warning(), self.pooled_grids_warning()) if w]
 
     def defense_runs(self) -> list[Judged]:
         return [j for j in self.judged if j.run.stage == "defend" and j.run.status == "ok"]
