@@ -19,27 +19,25 @@ def _generator():
     return module
 
 
-@pytest.mark.parametrize(("readme", "generated", "marker"), [
-    (REPO / "README.md", GENERATED, "results"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection.md", "results"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "ctrap_recipe.md", "ctrap_recipe"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "baselines.md", "baselines"),
-    (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "selection_second_machine.md",
-     "second_machine"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "heldout_second_machine.md",
-     "second_machine_heldout"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "fresh_seeds_second_machine.md",
-     "fresh_seeds"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "attack_orders_second_machine.md",
-     "attack_orders"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "defense_orders_second_machine.md",
-     "defense_orders"),
-    (REPO / "experiments" / "nowin" / "README.md", REPO / "experiments" / "nowin" / "trap_probe_second_machine.md",
-     "trap_probe"),
-], ids=["README", "nowin-README", "nowin-README-ctrap-recipe", "nowin-README-baselines", "README-second-machine",
-        "nowin-README-second-machine", "nowin-README-second-machine-heldout", "nowin-README-fresh-seeds",
-        "nowin-README-attack-orders", "nowin-README-defense-orders", "nowin-README-trap-probe"])
+NOWIN = REPO / "experiments" / "nowin"
+BLOCKS = {  # test id: (the README, the generated file its block must equal, the block's marker)
+    "README": (REPO / "README.md", GENERATED, "results"),
+    "README-second-machine": (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
+    **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
+        ("selection", "selection.md", "results"),
+        ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
+        ("baselines", "baselines.md", "baselines"),
+        ("second-machine", "selection_second_machine.md", "second_machine"),
+        ("second-machine-heldout", "heldout_second_machine.md", "second_machine_heldout"),
+        ("fresh-seeds", "fresh_seeds_second_machine.md", "fresh_seeds"),
+        ("attack-orders", "attack_orders_second_machine.md", "attack_orders"),
+        ("defense-orders", "defense_orders_second_machine.md", "defense_orders"),
+        ("trap-probe", "trap_probe_second_machine.md", "trap_probe"),
+    )},
+}
+
+
+@pytest.mark.parametrize(("readme", "generated", "marker"), list(BLOCKS.values()), ids=list(BLOCKS))
 def test_readme_results_block_equals_the_generated_file(readme, generated, marker):
     gen = _generator()
     text = readme.read_text()
