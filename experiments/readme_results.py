@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             lines += table + [""]
             everything += metrics
     if not everything:
-        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin "
+        parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
                      "--attack-orders and/or --probe inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))

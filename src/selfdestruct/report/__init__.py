@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for warning in report.warnings():
+    for warning in report.warnings().values():
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_line(report))
     print(f"dashboard: {(Path(args.out) / 'dashboard.html').resolve()}")

@@ -72,7 +72,7 @@ def _check_one_grid(seed: int | None, defense: str, harmful: Sequence[Run]) -> N
     for run in harmful:
         cell = (run.attack_kind or "harmful", run.lr, run.num_samples)
         other = seen.setdefault(cell, run)
-        if (other.model_path, other.attack_seed) != (run.model_path, run.attack_seed):
+        if other.grid != run.grid:
             raise ValueError(
                 f"{defense} seed {seed}: the cell lr {run.lr:g} x {run.num_samples} twice, from two defended models "
                 f"or under two attack orders (model {other.model_path}, attack.seed {other.attack_seed}; model "

@@ -67,6 +67,11 @@ class Run:
         value = self.attack_config.get("seed")
         return self.seed if value is None else as_int(value)
 
+    @property
+    def grid(self) -> tuple[str | None, int | None]:
+        """Which grid an attack cell belongs to: the defended model it attacked and the attack's batch order."""
+        return self.model_path, self.attack_seed
+
 
 def read_json(path: Path, default: Any = None) -> Any:
     """A JSON file's content, or ``default`` when it is missing or unreadable."""

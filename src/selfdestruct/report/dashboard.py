@@ -321,8 +321,8 @@ def _search_section(report: Report) -> str:
 
 
 def _warnings(report: Report) -> str:
-    found = {"environment-warning": report.environment_warning(), "pooled-grids-warning": report.pooled_grids_warning()}
-    return "".join(f'<p class="warning" id="{key}">Warning: {escape(text)}</p>' for key, text in found.items() if text)
+    return "".join(f'<p class="warning" id="{key}">Warning: {escape(text)}</p>'
+                   for key, text in report.warnings().items())
 
 
 def render_dashboard(report: Report, curves_png: bytes | None = None) -> str:

@@ -166,7 +166,7 @@ def summary_markdown(report: Report) -> str:
         "seed.",
         "",
     ]
-    for warning in report.warnings():
+    for warning in report.warnings().values():
         lines += [f"> **Warning:** {_md(warning)}", ""]
     harmful = [k for k in report.attack_kinds() if k in HARMFUL_KINDS]
     if harmful:

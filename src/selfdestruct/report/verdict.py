@@ -308,7 +308,7 @@ class Report:
         grids: dict[tuple[str | None, int | None], set[tuple]] = defaultdict(set)
         for run in self.runs:
             if run.status == "ok" and run.stage == "attack" and (run.attack_kind or "harmful") in HARMFUL_KINDS:
-                grids[(run.defense, run.seed)].add((run.model_path, run.attack_seed))
+                grids[(run.defense, run.seed)].add(run.grid)
         pooled = [f"{defense} seed {seed} ({len(found)} grids: attack.seed "
                   f"{', '.join(sorted({str(order) for _, order in found}))}; "
                   f"{len({model for model, _ in found})} defended model(s))"
@@ -322,9 +322,11 @@ class Report:
                 "one grid: " + "; ".join(pooled) + ". Report each grid from its own directory to count them "
                 "separately")
 
-    def warnings(self) -> list[str]:
-        """Everything a reader of the comparison should know before reading it."""
-        return [w for w in (self.environment_warning(), self.pooled_grids_warning()) if w]
+    def warnings(self) -> dict[str, str]:
+        """Everything a reader of the comparison should know before reading it, by name (the dashboard's element
+        ids): only the warnings that apply."""
+        found = {"environment-warning": self.environment_warning(), "pooled-grids-warning": self.pooled_grids_warning()}
+        return {name: text for name, text in found.items() if text}
 
     def defense_runs(self) -> list[Judged]:
         return [j for j in self.judged if j.run.stage == "defend" and j.run.status == "ok"]
