@@ -41,5 +41,7 @@ def test_probe_fine_tunes_a_copy_measures_the_benign_loss_and_puts_the_weights_b
     assert result["score"] == pytest.approx(sum(result["after"].values()) / 2)  # the median of two
     assert all(ce != result["before"] for ce in result["after"].values())  # the fine-tunes moved the benign loss
     assert probe.trap_probe(model, tokenizer, bundle.defense_harmful, benign, fmt, 0, **kwargs) == result
-    measured = probe._batches(benign[:8], tokenizer, fmt, 32, torch.device("cpu"))
-    assert probe.mean_response_ce(model, measured) == pytest.approx(result["before"])
+    assert probe.mean_response_ce(model, tokenizer, benign[:8], fmt) == result["before"]
+    batch = probe._batches(benign[:8], tokenizer, fmt, 8, torch.device("cpu"))[0]  # re-stated: the model's own loss
+    with torch.no_grad():
+        assert float(model(**batch).loss) == pytest.approx(result["before"], rel=1e-5)

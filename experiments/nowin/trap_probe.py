@@ -34,15 +34,12 @@ def _batches(examples, tokenizer, fmt, size: int, device) -> list[dict[str, torc
             for i in range(0, len(features), size)]
 
 
-@torch.no_grad()
-def mean_response_ce(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """Cross-entropy per labelled token over ``batches`` (each batch weighted by its labelled tokens)."""
-    total, tokens = 0.0, 0
-    for batch in batches:
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * n
-        tokens += n
-    return total / tokens
+def mean_response_ce(model: torch.nn.Module, tokenizer, examples, fmt) -> float:
+    """Cross-entropy per labelled token over ``examples`` (the evaluator's token_nll, divided by its count)."""
+    from selfdestruct.eval.evaluator import token_nll
+
+    total, count = token_nll(model, tokenizer, examples, fmt, MAX_LENGTH, 32)
+    return total / count
 
 
 def trap_probe(model: torch.nn.Module, tokenizer, harmful, benign, fmt, seed: int, lrs=LRS, steps: int = STEPS,
@@ -53,9 +50,9 @@ def trap_probe(model: torch.nn.Module, tokenizer, harmful, benign, fmt, seed: in
     order = list(harmful)
     random.Random(seed).shuffle(order)
     train = _batches(order, tokenizer, fmt, batch, device)
-    measured = _batches(list(benign)[:num_benign], tokenizer, fmt, 32, device)
+    measured = list(benign)[:num_benign]
     model.eval()
-    before = mean_response_ce(model, measured)
+    before = mean_response_ce(model, tokenizer, measured, fmt)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after = {}
     try:
@@ -67,7 +64,7 @@ def trap_probe(model: torch.nn.Module, tokenizer, harmful, benign, fmt, seed: in
                 model(**train[step % len(train)]).loss.backward()
                 optimizer.step()
             model.eval()
-            after[float(lr)] = mean_response_ce(model, measured)
+            after[float(lr)] = mean_response_ce(model, tokenizer, measured, fmt)
             model.load_state_dict(start)
     finally:
         model.load_state_dict(start)

@@ -41,6 +41,24 @@ class EvalSets:
         return EvalSets(spread(self.harmful), spread(self.benign), spread(self.general), spread(self.finetune))
 
 
+@torch.no_grad()
+def token_nll(model, tokenizer, examples: list[Example], fmt: PromptFormat, max_length: int,
+              batch_size: int) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of ``examples`` (all their labelled tokens) and the count."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        feats = [encode_example(tokenizer, ex, max_length, fmt) for ex in examples[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                reduction="sum")
+        total += nll.item()
+        count += int((targets != -100).sum())
+    return total, count
+
+
 def judge_all(judge, prompts: list[str], generations: list[str]) -> list[str]:
     """One verdict per generation; batched judges (a classifier, a chat API) see each prompt with its answer."""
     if hasattr(judge, "verdicts"):
@@ -89,22 +107,9 @@ class Evaluator:
         """Share of ``tokens`` equal to the collapse token (0 for an empty generation)."""
         return sum(t == self.collapse_token_id for t in tokens) / max(1, len(tokens))
 
-    @torch.no_grad()
     def token_nll(self, model, examples: list[Example]) -> tuple[float, int]:
         """Summed next-token negative log-likelihood of ``examples`` (all their labelled tokens) and the count."""
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for start in range(0, len(examples), self.batch_size):
-            feats = [encode_example(self.tokenizer, ex, self.max_length, self.fmt)
-                     for ex in examples[start:start + self.batch_size]]
-            batch = {k: v.to(device) for k, v in collate(feats, self.tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            targets = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                    reduction="sum")
-            total += nll.item()
-            count += int((targets != -100).sum())
-        return total, count
+        return token_nll(model, self.tokenizer, examples, self.fmt, self.max_length, self.batch_size)
 
     def __call__(self, model, stage: str) -> tuple[dict[str, float], dict[str, list]]:
         """Evaluate ``model`` on :attr:`device`; returns the flat metric dict and the raw generations."""
