@@ -76,10 +76,12 @@ def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
     done = {**row, "defended": True, "no_win": 7, "cells": 9, "collapsed": 5, "kept_min": 0.2157, "kept_max": 1.012}
     line = study.markdown([done]).splitlines()[-1]
     assert "| 7/9 (5) |" in line and "| 0.22–1.01 |" in line and "stopped" not in line
-    assert line.endswith("| — / — | —; — |")  # no benign fine-tune, no training curves logged
+    assert line.endswith("| — / — | —; —; — |")  # no benign fine-tune, no training curves logged
     more = {**done, "benign_accuracy": 0.984, "benign_utility": 0.9416, "cos_train": (0.0012, 0.026),
             "ce_harmful_train": (9.44, 35.87)}
-    assert study.markdown([more]).splitlines()[-1].endswith("| 0.984 / 0.942 | 0.001 → 0.026; 9.4 → 35.9 |")
+    assert study.markdown([more]).splitlines()[-1].endswith("| 0.984 / 0.942 | 0.001 → 0.026; 9.4 → 35.9; — |")
+    trap = {**more, "cos_train": None, "collapse_train": (12.96, 0.587)}
+    assert study.markdown([trap]).splitlines()[-1].endswith("| —; 9.4 → 35.9; 12.96 → 0.59 |")
 
 
 def test_each_released_model_gets_the_geometry_the_grid_and_a_benign_fine_tune_of_the_same_config(tmp_path):
@@ -130,3 +132,17 @@ def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):
             study.run_all(tmp_path, ["tiny"], [0], ["sft", "seam"], 1, 600, [], runner=Interrupted)
         time.sleep(1.5)  # SFT's defend has ended; without the stop its geometry, grid and SEAM's stages would start
     assert started == ["defend.log"]
+
+
+def test_the_table_reads_ctraps_own_training_signals(tmp_path):
+    """CTRAP logs the harmful batch's cross-entropy as loss_harmful (SEAM: ce_harmful) and its trap's loss as
+    loss_collapse; the summary's training-batch columns read both from the defense's CSV log."""
+    study = _study()
+    csv_dir = tmp_path / "tiny" / "ctrap" / "s0" / "defend" / "csv"
+    csv_dir.mkdir(parents=True)
+    rows = [f"{k},{300 - k},{k}" for k in range(300)]
+    (csv_dir / "metrics.csv").write_text("defense/loss_harmful,defense/loss_collapse,step\n" + "\n".join(rows) + "\n")
+    (row,) = study.summarise(tmp_path)
+    assert (row["defense"], row["seed"], row["defense_steps"]) == ("ctrap", 0, 299)
+    assert row["ce_harmful_train"] == pytest.approx((74.5, 224.5))  # means of steps 0-149 and 150-299
+    assert row["collapse_train"] == pytest.approx((225.5, 75.5)) and row["cos_train"] is None

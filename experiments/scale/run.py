@@ -216,7 +216,11 @@ def summarise(out: Path) -> list[dict]:
                     "collapse_share_mean": _mean(collapse), "collapse_share_max": max(collapse, default=None),
                     "benign_accuracy": number(benign, "task_accuracy"), "benign_utility": number(benign, "utility"),
                     "cos_train": training_curve(seed_dir / "defend", "defense/cos"),
-                    "ce_harmful_train": training_curve(seed_dir / "defend", "defense/ce_harmful"),
+                    # the harmful batch's cross-entropy at θ: SEAM logs it as ce_harmful (g_a's loss), CTRAP as
+                    # loss_harmful (g_h's loss), the same quantity
+                    "ce_harmful_train": training_curve(seed_dir / "defend", "defense/ce_harmful")
+                    or training_curve(seed_dir / "defend", "defense/loss_harmful"),
+                    "collapse_train": training_curve(seed_dir / "defend", "defense/loss_collapse"),  # CTRAP's trap
                 })
     return rows
 
@@ -240,7 +244,8 @@ def markdown(rows: list[dict]) -> str:
              "| utility (pre-attack) | utility after attack / pre (min–max cell) "
              "| held-out cos(g_a, g_b) | collapse-token share after attack (mean / max cell) "
              "| benign fine-tune: task accuracy / utility after "
-             "| on its training batches, first → last 150 steps: cos(g_a, g_b); harmful CE |",
+             "| on its training batches, first → last 150 steps: cos(g_a, g_b); harmful CE; "
+             "collapse CE at the look-ahead point |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         no_win = f"{r['no_win']}/{r['cells']} ({r.get('collapsed', 0)})" + ("" if r["cells"] == 9 else " (grid unfinished)")
@@ -253,7 +258,8 @@ def markdown(rows: list[dict]) -> str:
                      f"| {_f(r['cos_heldout'])} "
                      f"| {_f(r['collapse_share_mean'])} / {_f(r['collapse_share_max'])} "
                      f"| {_f(r.get('benign_accuracy'))} / {_f(r.get('benign_utility'))} "
-                     f"| {_curve(r.get('cos_train'))}; {_curve(r.get('ce_harmful_train'), 1)} |")
+                     f"| {_curve(r.get('cos_train'))}; {_curve(r.get('ce_harmful_train'), 1)}; "
+                     f"{_curve(r.get('collapse_train'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
