@@ -67,7 +67,7 @@ def test_the_table_marks_a_stopped_defense_and_an_unfinished_grid(tmp_path):
     csv_dir = tmp_path / "defend" / "csv"
     csv_dir.mkdir(parents=True)
     (csv_dir / "metrics.csv").write_text("align/loss,defense/loss,step\n0.5,,599\n,2.0,99\n,1.5,140\n")
-    assert study.last_defense_step(tmp_path / "defend") == 140  # the alignment's steps do not count
+    assert study.last_defense_step(study.defense_log(tmp_path / "defend")) == 140  # the alignment's steps do not count
     row = {"size": "tiny", "defense": "ctrap", "seed": 0, "num_parameters": None, "defended": False,
            "environment": None, "defense_steps": 140, "utility": None, "no_win": 0, "cells": 0,
            "cos_heldout": None, "collapse_share_mean": None, "collapse_share_max": None}
@@ -103,9 +103,9 @@ def test_training_curve_means_the_first_and_last_steps_and_a_resumed_step_counts
     csv_dir.mkdir()
     rows = [f",{0.1 * k:.1f},{k}" for k in range(6)] + [",9.0,4", ",0.5,5"]  # steps 4, 5 logged again after a resume
     (csv_dir / "metrics.csv").write_text("align/loss,defense/cos,step\n0.3,,99\n" + "\n".join(rows) + "\n")
-    first, last = study.training_curve(tmp_path, "defense/cos", window=2)
+    first, last = study.training_curve(study.defense_log(tmp_path), "defense/cos", window=2)
     assert first == pytest.approx((0.0 + 0.1) / 2) and last == pytest.approx((9.0 + 0.5) / 2)
-    assert study.training_curve(tmp_path, "defense/ce_harmful") is None
+    assert study.training_curve(study.defense_log(tmp_path), "defense/ce_harmful") is None
 
 
 def test_a_stopped_runner_starts_nothing_and_ctrl_c_stops_the_study(tmp_path):

@@ -148,22 +148,27 @@ def run_all(out: Path, sizes: list[str], seeds: list[int], defenses: list[str], 
         raise
 
 
-def last_defense_step(run_dir: Path) -> int | None:
-    """The last optimiser step the defense stage of a defend run logged (CSV), or None (SFT trains no defense)."""
-    steps = [int(row["step"]) for path in sorted(run_dir.glob("csv/*.csv")) for row in csv.DictReader(path.open())
-             if row.get("step") and any(k.startswith("defense/") and v for k, v in row.items())]
-    return max(steps) if steps else None
-
-
-def training_curve(run_dir: Path, key: str, window: int = 150) -> tuple[float, float] | None:
-    """Mean of ``key`` (a defense stat, e.g. ``defense/cos``) over the first and the last ``window`` logged steps of
-    the defense stage (CSV), or None where it was not logged. A resumed run logs its steps once per attempt: the
-    last value logged for a step counts."""
-    values: dict[int, float] = {}
+def defense_log(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The defense stage's CSV log of a defend run, read once: each ``defense/*`` stat's value per optimiser step (the
+    alignment's steps are not in it). A resumed run logs its steps once per attempt: the last value logged counts."""
+    log: dict[str, dict[int, float]] = {}
     for path in sorted(run_dir.glob("csv/*.csv")):
         for row in csv.DictReader(path.open()):
-            if row.get("step") and row.get(key):
-                values[int(row["step"])] = float(row[key])
+            for key, value in row.items():
+                if row.get("step") and key.startswith("defense/") and value:
+                    log.setdefault(key, {})[int(row["step"])] = float(value)
+    return log
+
+
+def last_defense_step(log: dict[str, dict[int, float]]) -> int | None:
+    """The last optimiser step the defense stage logged, or None (SFT trains no defense)."""
+    return max((step for values in log.values() for step in values), default=None)
+
+
+def training_curve(log: dict[str, dict[int, float]], *keys: str, window: int = 150) -> tuple[float, float] | None:
+    """Mean of the first of ``keys`` that was logged (a defense stat, e.g. ``defense/cos``) over the first and the
+    last ``window`` logged steps of the defense stage, or None where none of them was logged."""
+    values = next((log[key] for key in keys if key in log), None)
     if not values:
         return None
     series = [values[k] for k in sorted(values)]
@@ -197,6 +202,7 @@ def summarise(out: Path) -> list[dict]:
                     if (seed_dir / "geometry.json").exists() else {}
                 benign = json.loads((seed_dir / "benign" / "metrics.json").read_text()).get("post", {}) \
                     if (seed_dir / "benign" / "metrics.json").exists() else {}
+                log = defense_log(seed_dir / "defend")
                 judged = cells.get((defense_dir.name, seed_dir.name), [])
                 ok = [j for j in judged if j.run.status == "ok"]
                 collapse = [v for j in ok if (v := number(j.run.post, "collapse_token_rate")) is not None]
@@ -206,7 +212,7 @@ def summarise(out: Path) -> list[dict]:
                     "size": size_dir.name, "defense": defense_dir.name, "seed": seed,
                     "num_parameters": defend.get("num_parameters"), "defended": bool(defend),
                     "environment": defend.get("environment"),
-                    "defense_steps": last_defense_step(seed_dir / "defend"),
+                    "defense_steps": last_defense_step(log),
                     "utility": number(defend.get("pre"), "utility"),
                     "harmful_score": number(defend.get("pre"), "harmful_score"),
                     "no_win": sum(j.verdict in DEFENDER_WINS for j in ok), "cells": len(ok),
@@ -215,12 +221,11 @@ def summarise(out: Path) -> list[dict]:
                     "cos_heldout": geometry.get("cos"), "cos_heldout_full": geometry.get("cos_full"),
                     "collapse_share_mean": _mean(collapse), "collapse_share_max": max(collapse, default=None),
                     "benign_accuracy": number(benign, "task_accuracy"), "benign_utility": number(benign, "utility"),
-                    "cos_train": training_curve(seed_dir / "defend", "defense/cos"),
+                    "cos_train": training_curve(log, "defense/cos"),
                     # the harmful batch's cross-entropy at θ: SEAM logs it as ce_harmful (g_a's loss), CTRAP as
                     # loss_harmful (g_h's loss), the same quantity
-                    "ce_harmful_train": training_curve(seed_dir / "defend", "defense/ce_harmful")
-                    or training_curve(seed_dir / "defend", "defense/loss_harmful"),
-                    "collapse_train": training_curve(seed_dir / "defend", "defense/loss_collapse"),  # CTRAP's trap
+                    "ce_harmful_train": training_curve(log, "defense/ce_harmful", "defense/loss_harmful"),
+                    "collapse_train": training_curve(log, "defense/loss_collapse"),  # CTRAP's trap
                 })
     return rows
 
