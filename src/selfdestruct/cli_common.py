@@ -24,7 +24,8 @@ from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions, check_model_files
 from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.models.tiny import TinyLlamaConfig
-from selfdestruct.pipeline.stages import DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir
+from selfdestruct.pipeline.stages import (DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir,
+                                         trap_check_data)
 from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
 from selfdestruct.utils.cache import default_cache_root
 from selfdestruct.utils.loggers import build_loggers
@@ -158,9 +159,9 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def defense_spec(cfg: DictConfig) -> DefenseSpec:
     node = cfg.defense
-    unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed"})
+    unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed", "trap_check"})
     if unknown:
-        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed)")
+        raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed, trap_check)")
     seed = node.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise UserError(f"defense.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
@@ -173,8 +174,15 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
     from selfdestruct.pipeline.defense import parse_params
 
     parsed = parse_params(str(node.name), params)  # every defense parameter checked before any work, once
+    trap_check = None
+    if node.get("trap_check") is not None:
+        if node.name == "sft":
+            raise UserError("defense.trap_check: defense=sft trains nothing, so there are no epochs to check")
+        from selfdestruct.eval.red_team import TrapCheckConfig
+
+        trap_check = to_dataclass(TrapCheckConfig, node.trap_check, "defense.trap_check")
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
-                       parsed=parsed, seed=seed)
+                       parsed=parsed, seed=seed, trap_check=trap_check)
 
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
@@ -204,6 +212,9 @@ def check_model_path(model_path, key: str) -> None:
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
     """Base → alignment → defense, each stage built once per configuration and shared through the cache; ``spec``
     is :func:`check_stages`' result (checked again from ``cfg`` when not given)."""
+    spec = spec or defense_spec(cfg)
+    if spec.trap_check is not None:  # enough of the defender's data for the red team, before any stage runs
+        trap_check_data(bundle, spec.trap_check)
     ctx = StageContext(bundle=bundle, trainer=trainer_config(cfg), seed=int(cfg.seed), fmt=prompt_format(cfg),
                        cache_root=cache_root(cfg), data_key=data_key(cfg), loggers=list(loggers or []),
                        run_dir=run_dir, load=load_options(cfg))
@@ -220,11 +231,11 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
     def evaluate(model, tokenizer, stage: str):
         return evaluator(cfg, tokenizer, bundle)(model, stage)
 
-    spec = spec or defense_spec(cfg)
     if spec.name != "sft" and "fsdp" in str(cfg.trainer.strategy):
         raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: the defenses need "
                         "whole gradients on every rank; use trainer=ddp (sharded training is for SFT and attacks)")
-    return defended_model_dir(ctx, aligned, spec, evaluate)
+    return defended_model_dir(ctx, aligned, spec, evaluate, make_evaluator=lambda tokenizer: evaluator(cfg, tokenizer,
+                                                                                                       bundle))
 
 
 def job_loggers(cfg: DictConfig, run_dir: Path):

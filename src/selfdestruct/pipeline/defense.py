@@ -8,7 +8,9 @@ builds the module its registry entry (:mod:`selfdestruct.defenses`) names, train
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -22,13 +24,14 @@ from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.defenses import DEFENSES
 from selfdestruct.errors import UserError, build_config
+from selfdestruct.eval.red_team import RedTeamData, TrapCheckConfig, red_team
 from selfdestruct.modules.attack import merged, wrap_lora
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import AdapterParams, eager_attention
 from selfdestruct.pipeline.streams import DefenseData, DefenseDataModule, Encoding, check_sizes
 from selfdestruct.pipeline.training import OptimConfig, StageContext, fit
 
-__all__ = ["DefenseDataModule", "apply_defense", "build_defense", "parse_params"]
+__all__ = ["DefenseDataModule", "TrapCheck", "apply_defense", "build_defense", "parse_params"]
 log = logging.getLogger(__name__)
 
 
@@ -76,8 +79,51 @@ def build_defense(model: torch.nn.Module, tokenizer, bundle: DataBundle, name: s
     return module, data, entry.exact(p)
 
 
+class TrapCheck(pl.Callback):
+    """``defense.trap_check``: the defender's red team (:func:`selfdestruct.eval.red_team.red_team`) on the model at
+    the end of every defense epoch from ``from_epoch`` on. Each check is logged (``trap_check/no_win``,
+    ``trap_check/utility``, ``trap_check/harmful_score``: the model's own numbers on the validation sets before the
+    red team's attacks) and kept in :attr:`results`; with ``stop_at`` the defense ends at the first checked epoch end
+    whose red team wins at least that many cells, and those weights are released. The checks neither consume the
+    training's random numbers nor change its weights, so without ``stop_at`` the released model is the one the
+    defense releases without the check."""
+
+    def __init__(self, cfg: TrapCheckConfig, tokenizer, fmt: PromptFormat, evaluator, data: RedTeamData,
+                 seed: int) -> None:
+        self.cfg, self.tokenizer, self.fmt, self.evaluator, self.data, self.seed = (cfg, tokenizer, fmt, evaluator,
+                                                                                    data, seed)
+        self.results: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch < self.cfg.from_epoch or any(r["epoch"] == epoch for r in self.results):
+            return
+        model = merged(copy.deepcopy(pl_module.model))
+        result = {"epoch": epoch, "step": trainer.global_step,
+                  **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
+        del model
+        self.results.append(result)
+        logged = {"trap_check/no_win": float(result["no_win"]), "trap_check/epoch": float(epoch),
+                  **{f"trap_check/{k}": v for k, v in result["pre"].items()}}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        stop = self.cfg.stop_at is not None and result["no_win"] >= self.cfg.stop_at
+        log.info("trap check after epoch %d: the red team won %d of %d cells (utility %.3f, harmful score %.3f on "
+                 "the validation sets)%s", epoch, result["no_win"], result["cells"], result["pre"]["utility"],
+                 result["pre"]["harmful_score"], f"; stop_at={self.cfg.stop_at}: the defense ends here" if stop else "")
+        if stop:
+            trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": json.dumps(self.results)}  # a string: checkpoints load with weights_only=True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = json.loads(state_dict.get("results", "[]"))
+
+
 def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: str, params: Any,
-                  optim: OptimConfig | None, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> torch.nn.Module:
+                  optim: OptimConfig | None, ckpt_dir: Path | None = None, ckpt_key: Any = None,
+                  trap_check: TrapCheck | None = None) -> torch.nn.Module:
     """Defend ``model`` with ``name`` (sft: returned as is) on ``ctx``'s data; returns the defended plain HF model.
 
     ``params`` is the parameter dataclass (or the raw ``defense.params`` mapping, parsed here). The defense logs
@@ -85,6 +131,7 @@ def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: st
     gradient raises :class:`~selfdestruct.objectives.common.NonFiniteGradientError` out of this function, so the
     caller never saves a broken model.
     With ``ckpt_dir`` the fit checkpoints there and resumes (see :func:`~selfdestruct.pipeline.training.fit`).
+    ``trap_check``: the red team at epoch ends (:class:`TrapCheck`); its results are in its ``results`` afterwards.
     """
     p = parse_params(name, params)
     if p is None:  # sft: the aligned model is the released model
@@ -106,7 +153,7 @@ def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: st
     stage_cfg = dataclasses.replace(ctx.trainer, log_every_n_steps=1)
     with eager_attention(module.model) if exact else nullcontext():
         trainer = fit(module, datamodule, stage_cfg, optim.epochs, ctx.loggers, ctx.run_dir, ckpt_dir=ckpt_dir,
-                      ckpt_key=ckpt_key)
+                      ckpt_key=ckpt_key, callbacks=[trap_check] if trap_check else [])
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))

@@ -168,17 +168,20 @@ class DefenseSpec:
     label: str = ""  # how reports name it (e.g. "seam-tuned"); the method's name when empty
     parsed: Any = None  # ``params`` as the defense's parameter dataclass, parsed once when the config is checked
     seed: int | None = None  # the defense stage's own seed (its data order); None: the run's seed
+    trap_check: Any = None  # defense.trap_check as a TrapCheckConfig (the red team at epoch ends); None: off
 
     @property
     def display_name(self) -> str:
         return self.label or self.name
 
 
-def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate) -> Path:
+def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,
+                       make_evaluator=None) -> Path:
     """The released model of ``defense`` applied to ``aligned_dir``, built once per configuration and cached.
 
     Its provenance records the defense and the aligned model's own evaluation (the no-win criterion's
-    reference), so an attack on it needs nothing else.
+    reference), so an attack on it needs nothing else, and the trap checks' results (``defense.trap_check``;
+    ``make_evaluator(tokenizer)`` gives the evaluator whose judge they use).
     """
     optim = defense.optim.cache_key() if defense.optim else None
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
@@ -186,26 +189,46 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
            "params": defense.params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
     if defense.seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
         key["defense_seed"] = defense.seed
+    if defense.trap_check is not None:  # likewise
+        key["trap_check"] = dataclasses.asdict(defense.trap_check)
     seed = ctx.seed if defense.seed is None else defense.seed
 
     def build(out: Path) -> None:
         pl.seed_everything(seed, workers=True, verbose=False)
         model, tokenizer = load_model_dir(aligned_dir, key="aligned model", options=ctx.load)
         aligned_metrics, _ = evaluate(model, tokenizer, "aligned")
+        check = None
         if defense.name != "sft":
-            from selfdestruct.pipeline.defense import apply_defense
+            from selfdestruct.pipeline.defense import TrapCheck, apply_defense
 
+            if defense.trap_check is not None:
+                check = TrapCheck(defense.trap_check, tokenizer, ctx.fmt, make_evaluator(tokenizer),
+                                  trap_check_data(ctx.bundle, defense.trap_check), seed)
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
             stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out, seed=seed)
             model = apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params,
                                   defense.optim, ckpt_dir=work_dir(ctx.cache_root, "defend", key) / "checkpoints",
-                                  ckpt_key=key)
+                                  ckpt_key=key, trap_check=check)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": ctx.seed,
                       "defense_seed": seed,
                       "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key}
+        if check is not None:
+            provenance["trap_check"] = check.results
         save_model_dir(model, tokenizer, out / "model", provenance)
 
     return cached_dir(ctx.cache_root, "defend", key, build) / "model"
+
+
+def trap_check_data(bundle, cfg):
+    """The red team's data for ``defense.trap_check`` (checked before any training: too few is a UserError)."""
+    from selfdestruct.errors import FieldError
+    from selfdestruct.eval.red_team import red_team_data
+    from selfdestruct.pipeline.streams import benign_tasks
+
+    try:
+        return red_team_data(bundle.defense_harmful, benign_tasks(bundle.align), cfg)
+    except FieldError as err:
+        raise err.under("defense.trap_check") from None
 
 
 def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, trainer_cfg: TrainerConfig,

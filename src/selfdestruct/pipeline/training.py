@@ -207,16 +207,17 @@ def saved_loader_states(path: str) -> list[dict]:
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, trainer_cfg: TrainerConfig, epochs: int,
-        loggers: list[Logger], root_dir: Path, ckpt_dir: Path | None = None, ckpt_key: Any = None) -> pl.Trainer:
+        loggers: list[Logger], root_dir: Path, ckpt_dir: Path | None = None, ckpt_key: Any = None,
+        callbacks: list[pl.Callback] | tuple = ()) -> pl.Trainer:
     """Fit ``module`` for ``epochs`` epochs; returns the trainer (its ``global_step`` is the step count).
 
     With ``ckpt_dir``, ``last.ckpt`` is saved there every ``checkpoint_every_n_steps`` steps and a fit of the same
     ``ckpt_key`` that finds one resumes from it exactly: weights, optimiser, schedule, the position of every data
     stream (:class:`~selfdestruct.data.datamodule.ResumableDataLoader`), the random generators and the module's own
     state (``CausalLMModule.extra_state``) all come back, so a run killed at any point ends as the uninterrupted
-    run would have.
+    run would have. ``callbacks``: the stage's own (saved with the checkpoints and restored with them).
     """
-    callbacks: list[pl.Callback] = [RichProgressBar(leave=False)] if trainer_cfg.progress_bar else []
+    callbacks = [*([RichProgressBar(leave=False)] if trainer_cfg.progress_bar else []), *callbacks]
     resume_from = None
     if ckpt_dir is not None and trainer_cfg.checkpoint_every_n_steps > 0 and not trainer_cfg.fast_dev_run:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
