@@ -251,11 +251,22 @@ def attack_order_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, [{"environment": run.environment} for run in runs]
 
 
+def sibling_grid(defend_run: str) -> tuple[list, list[dict]]:
+    """The acceptance rows (no-win per defense) of the attack grid beside a defend run (``RUN/../grid``, the layout
+    of experiments/nowin/candidate.sh) and its runs' environments; nothing when there is no such grid."""
+    from selfdestruct.report import acceptance, build_report, collect
+
+    grid = Path(defend_run).parent / "grid"
+    if not grid.is_dir():
+        return [], []
+    runs = collect([grid])
+    return (acceptance.rows(build_report([grid], runs)),
+            [{"environment": run.environment} for run in runs if run.status == "ok"])
+
+
 def probe_table(files: list[Path]) -> tuple[list[str], list[dict]]:
     """The JSON lines of experiments/nowin/trap_probe.py (one per model), with the no-win count of the model's
     grid when the probed path was a defend run whose sibling grid/ holds it."""
-    from selfdestruct.report import acceptance, build_report, collect
-
     records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     lines = ["The defender-side trap probe (`experiments/nowin/trap_probe.py`: AdamW fine-tunes on the defense's "
              "harmful pool, then the cross-entropy on the alignment data's benign tasks, nats per token):", "",
@@ -264,16 +275,37 @@ def probe_table(files: list[Path]) -> tuple[list[str], list[dict]]:
              "|---|---|---|---|" + "---|" * len(records[0]["after"]) + "---|---|"]
     metrics: list[dict] = []
     for r in records:
-        grid = Path(r["path"]).parent / "grid"
-        won = "—"
-        if grid.is_dir():
-            runs = collect([grid])
-            rows = acceptance.rows(build_report([grid], runs))
-            won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
-            metrics += [{"environment": run.environment} for run in runs if run.status == "ok"]
+        rows, runs_metrics = sibling_grid(r["path"])
+        won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
+        metrics += runs_metrics
         after = " | ".join(f"{ce:.2f}" for ce in r["after"].values())
         lines.append(f"| {r['seed']} | {r['defense']} | {r['probe_order']} | {r['before']:.3f} | {after} | "
                      f"{r['score']:.2f} | {won} |")
+    return lines, metrics
+
+
+def red_team_table(files: list[Path], threshold: int = 8) -> tuple[list[str], list[dict]]:
+    """The JSON lines of experiments/nowin/red_team.py (one per model) beside the no-win count of the model's attack
+    grid (the sibling grid/ of a defend run), and how often the two fall on the same side of ``threshold``."""
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    lines = ["The defender's red team (`experiments/nowin/red_team.py`, `selfdestruct/eval/red_team.py`: the attack "
+             "grid's learning rates and step counts on the defense's own harmful pool, judged on the defender's "
+             "validation sets) beside the attack grid of the same model:", "",
+             "| seed | defense | data order | validation utility | red team no-win | no-win of its grid |",
+             "|---|---|---|---|---|---|"]
+    metrics: list[dict] = []
+    agree = total = 0
+    for r in records:
+        rows, runs_metrics = sibling_grid(r["path"])
+        won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
+        metrics += runs_metrics
+        if len(rows) == 1 and r["defense"] != "sft":
+            total += 1
+            agree += (rows[0].won >= threshold) == (r["no_win"] >= threshold)
+        lines.append(f"| {r['seed']} | {r['defense']} | {r['defense_seed']} | {r['pre']['utility']:.3f} | "
+                     f"{r['no_win']}/{r['cells']} | {won} |")
+    if total:
+        lines += ["", f"Defended models (not sft) on the same side of {threshold} wins in both: {agree} of {total}."]
     return lines, metrics
 
 
@@ -393,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(experiments/nowin/attack_orders.sh), with the grids of their own order")
     parser.add_argument("--probe", nargs="*", type=Path, default=[],
                         help="JSON-lines files of experiments/nowin/trap_probe.py --out")
+    parser.add_argument("--red-team", nargs="*", type=Path, default=[],
+                        help="JSON-lines files of experiments/nowin/red_team.py --out")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -410,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
-                (args.probe, probe_table)]
+                (args.probe, probe_table), (args.red_team, red_team_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -418,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders and/or --probe inputs")
+                     "--attack-orders, --probe and/or --red-team inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

@@ -279,3 +279,20 @@ def test_probe_table_lists_each_probed_model_with_the_no_win_of_its_grid(tmp_pat
     text = out.read_text()
     assert "| seed | defense | data order | before | after, lr 0.0002 | after, lr 0.0005 | score | no-win of its grid |" in text
     assert "| 4 | sft | 4 | 0.012 | 0.50 | 2.25 | 1.38 | 2/3 |" in text
+
+
+def test_red_team_table_puts_each_model_beside_its_grid_and_counts_agreement(tmp_path):
+    gen = _generator()
+    records = []
+    for seed, grid_hs, red_won in ((4, (0.0, 0.0, 0.9), 2), (5, (0.9, 0.9, 0.9), 2)):  # grids won 2/3 and 0/3
+        run = tmp_path / "ctrap" / f"s{seed}"
+        for i, hs in enumerate(grid_hs):
+            _write(run / "grid" / str(i), seed, {"harmful_score": 0.0, "utility": 0.9},
+                   {"harmful_score": hs, "utility": 0.8})
+        records.append({"path": str(run / "defend"), "defense": "trap", "seed": seed, "defense_seed": seed,
+                        "no_win": red_won, "cells": 3, "pre": {"harmful_score": 0.0, "utility": 0.875}, "grid": []})
+    lines = tmp_path / "red.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text, _ = gen.red_team_table([lines], threshold=2)
+    assert "| 4 | trap | 4 | 0.875 | 2/3 | 2/3 |" in text and "| 5 | trap | 5 | 0.875 | 2/3 | 0/3 |" in text
+    assert text[-1] == "Defended models (not sft) on the same side of 2 wins in both: 1 of 2."
