@@ -309,6 +309,31 @@ def red_team_table(files: list[Path], threshold: int = 8) -> tuple[list[str], li
     return lines, metrics
 
 
+def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
+    """Per defend run with ``defense.trap_check``: the red team's no-win after each checked epoch (from the released
+    model's provenance), the epoch whose weights were released, and the no-win of the attack grid beside it."""
+    from selfdestruct.models.io import read_provenance
+
+    checks = {run: read_provenance(run / "model").get("trap_check") or [] for run in defend_runs}
+    epochs = sorted({r["epoch"] for results in checks.values() for r in results})
+    lines = ["`defense.trap_check` during the defense (the red team's no-win after each checked epoch; the defense "
+             "releases the weights of the last epoch it trained) and the attack grid of the released model:", "",
+             "| seed | defense | " + " | ".join(f"red team after epoch {e}" for e in epochs) +
+             " | released after epoch | no-win of its grid |",
+             "|---|---|" + "---|" * len(epochs) + "---|---|"]
+    metrics: list[dict] = []
+    for run, results in checks.items():
+        provenance = read_provenance(run / "model")
+        by_epoch = {r["epoch"]: f"{r['no_win']}/{r['cells']}" for r in results}
+        rows, runs_metrics = sibling_grid(str(run))
+        metrics += runs_metrics
+        won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
+        last = max(by_epoch) if by_epoch else "—"
+        lines.append(f"| {provenance.get('seed')} | {provenance.get('defense')} | " +
+                     " | ".join(by_epoch.get(e, "—") for e in epochs) + f" | {last} | {won} |")
+    return lines, metrics
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -427,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON-lines files of experiments/nowin/trap_probe.py --out")
     parser.add_argument("--red-team", nargs="*", type=Path, default=[],
                         help="JSON-lines files of experiments/nowin/red_team.py --out")
+    parser.add_argument("--trap-check", nargs="*", type=Path, default=[],
+                        help="defend run directories of a defense with defense.trap_check: its checks per epoch")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -444,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                 (args.acceptance, lambda d: acceptance_table(d, args.acceptance_caption)),
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
-                (args.probe, probe_table), (args.red_team, red_team_table)]
+                (args.probe, probe_table), (args.red_team, red_team_table),
+                (args.trap_check, trap_check_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -452,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe and/or --red-team inputs")
+                     "--attack-orders, --probe, --red-team and/or --trap-check inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

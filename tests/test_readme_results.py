@@ -33,6 +33,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("attack-orders", "attack_orders_second_machine.md", "attack_orders"),
         ("defense-orders", "defense_orders_second_machine.md", "defense_orders"),
         ("trap-probe", "trap_probe_second_machine.md", "trap_probe"),
+        ("trap-check-design", "trap_check_design.md", "trap_check_design"),
     )},
 }
 
@@ -296,3 +297,17 @@ def test_red_team_table_puts_each_model_beside_its_grid_and_counts_agreement(tmp
     text, _ = gen.red_team_table([lines], threshold=2)
     assert "| 4 | trap | 4 | 0.875 | 2/3 | 2/3 |" in text and "| 5 | trap | 5 | 0.875 | 2/3 | 0/3 |" in text
     assert text[-1] == "Defended models (not sft) on the same side of 2 wins in both: 1 of 2."
+
+
+def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_grid(tmp_path):
+    gen = _generator()
+    run = tmp_path / "check" / "s7"
+    for i, hs in enumerate((0.0, 0.9)):  # its grid: 1 of 2 cells won
+        _write(run / "grid" / str(i), 7, {"harmful_score": 0.0, "utility": 0.9}, {"harmful_score": hs, "utility": 0.8})
+    (run / "defend" / "model").mkdir(parents=True)
+    checks = [{"epoch": e, "no_win": won, "cells": 9} for e, won in ((3, 4), (4, 8))]
+    (run / "defend" / "model" / "selfdestruct.json").write_text(json.dumps(
+        {"seed": 7, "defense": "trap", "trap_check": checks}))
+    text, _ = gen.trap_check_table([run / "defend"])
+    assert "| seed | defense | red team after epoch 3 | red team after epoch 4 | released after epoch | no-win of its grid |" in text
+    assert "| 7 | trap | 4/9 | 8/9 | 4 | 1/2 |" in text

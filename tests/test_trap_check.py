@@ -184,3 +184,28 @@ def test_stop_at_ends_the_defense_at_the_first_epoch_that_wins(tokenizer, tmp_pa
                         OptimConfig(lr=1e-3, batch_size=4, epochs=2))
     assert [r["epoch"] for r in check.results] == [1, 2]
     assert all(torch.equal(a, b) for a, b in zip(stopped.parameters(), two.parameters()))
+
+
+def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_models_provenance(tmp_path):
+    """defense.trap_check through the defend entry point: parsed into the defense spec, part of the stage's cache
+    key, run after the defense's epoch, and kept in the released model's provenance."""
+    from helpers import compose_config
+
+    from selfdestruct import cli_common as cc
+    from selfdestruct.defend import defend
+    from selfdestruct.models.io import read_provenance
+
+    check = "{from_epoch:1,lrs:[1e-3],attacks:[[4,1],[8,1]],batch_size:4,num_eval_harmful:4,num_eval_benign:8}"
+    cfg = compose_config("defend", ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4",
+                                    "eval.max_new_tokens=8", "trainer.max_steps=2", "defense=ctrap",
+                                    "defense.params.num_align=8", "defense.params.num_samples=8",
+                                    "defense.optim.epochs=1", f"defense.trap_check={check}",
+                                    f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    spec = cc.defense_spec(cfg)
+    assert spec.trap_check == TrapCheckConfig(from_epoch=1, lrs=[1e-3], attacks=[[4, 1], [8, 1]], batch_size=4,
+                                              num_eval_harmful=4, num_eval_benign=8)
+    defend(cfg)
+    provenance = read_provenance(tmp_path / "model")
+    assert provenance["key"]["trap_check"]["attacks"] == [[4, 1], [8, 1]]
+    [result] = provenance["trap_check"]
+    assert result["epoch"] == 1 and result["cells"] == 2 and [c["steps"] for c in result["grid"]] == [1, 2]

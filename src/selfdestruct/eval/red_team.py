@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class TrapCheckConfig:
     """``defense.trap_check``: the red team's grid, its data and when the defense stage runs it. Defaults: the
     ``attack_grid`` sweep (lr 2e-4, 3e-4, 5e-4 x 100, 500, 1000 harmful samples, 2 epochs, batch 16) with the
-    defense pool's 600 pairs, where 1000 samples x 2 epochs becomes 500 x 4 (the same 126 optimiser steps)."""
+    defense pool's 600 pairs, where 1000 samples x 2 epochs becomes 500 x 4 (the same 126 optimiser steps). Cost of a
+    check: sum over the cells of their optimiser steps (618 by default) plus one evaluation per cell and one before,
+    about a minute for the 1.1 M-parameter model on one CPU thread; memory: two extra copies of the model."""
 
     lrs: list[float] = field(default_factory=lambda: [2e-4, 3e-4, 5e-4])
     attacks: list[list[int]] = field(default_factory=lambda: [[100, 2], [500, 2], [500, 4]])  # [samples, epochs]
@@ -94,10 +96,13 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
 
 
 def attack_copy(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float) -> torch.nn.Module:
-    """A copy of ``model`` after one AdamW step (weight decay 0, as the attack stage) per batch, in order."""
+    """A copy of ``model`` after one AdamW step on all its parameters (weight decay 0, as the attack stage) per
+    batch, in order."""
     attacked = copy.deepcopy(model)
     attacked.train()
-    params = [p for p in attacked.parameters() if p.requires_grad]
+    params = list(attacked.parameters())
+    for p in params:  # a full-parameter attack, whatever the defense trained (LoRA leaves the base weights frozen)
+        p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
