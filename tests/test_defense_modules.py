@@ -634,3 +634,29 @@ def test_baseline_streams_have_the_configured_sizes_and_lora_by_default(name, pa
     with pytest.raises(UserError, match="defense.params.nosuch: unknown option"):
         build_defense(_tiny_model(tokenizer), tokenizer, _bundle(), name, {"nosuch": 1},
                       OptimConfig(lr=1e-3, batch_size=4), PromptFormat(), seed=0)
+
+
+def test_the_attack_path_is_refreshed_every_attack_refresh_steps_on_the_recent_harmful_batches(tokenizer, tmp_path,
+                                                                                               monkeypatch):
+    """attack_steps=2, attack_refresh=3 over 8 steps: simulated fine-tunes at steps 0, 3 and 6, each on the last
+    (at most 2) harmful batches the defense saw, and the trap's loss logged every step."""
+    import selfdestruct.modules.ctrap as ctrap_module
+
+    calls = []
+    real = ctrap_module.attack_displacement
+
+    def counting(model, batches, steps, lr):
+        calls.append((len(batches), steps, lr))
+        return real(model, batches, steps, lr)
+
+    monkeypatch.setattr(ctrap_module, "attack_displacement", counting)
+    params = {"num_samples": 8, "num_align": 8, "data": "align_general", "adapter": "full", "attack_steps": 2,
+              "attack_refresh": 3, "attack_lr": 1e-3}
+    csv = CSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    apply_defense(_tiny_model(tokenizer), tokenizer, _ctx(tmp_path, [csv]), "ctrap", params,
+                  OptimConfig(lr=1e-3, batch_size=2, epochs=1))  # 15 general examples: 8 steps
+    assert calls == [(1, 2, 1e-3), (2, 2, 1e-3), (2, 2, 1e-3)]
+    import csv as csvlib
+
+    rows = [r for r in csvlib.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("defense/loss")]
+    assert len(rows) == 8 and all(math.isfinite(float(r["defense/loss_collapse_attack"])) for r in rows)

@@ -23,6 +23,7 @@ from selfdestruct.objectives.common import NonFiniteGradientError
 from selfdestruct.objectives.ctrap import (
     CtrapParams,
     SecondMoment,
+    attack_displacement,
     collapse_loss,
     collapse_token_id,
     ctrap_step,
@@ -123,6 +124,47 @@ def test_unrolled_attack_takes_k_fresh_gradient_steps(batches):
     assert stats["loss_harmful_unrolled"] < stats["loss_harmful"]  # the simulated attack descends
     one, _ = _step_grads(model, align, harmful, general, lam=0.5, step_size=0.2, unroll_steps=1)
     assert rel_error(one, got) > 1e-3
+
+
+def test_attack_displacement_is_where_an_adamw_fine_tune_ends_and_the_model_stays(batches):
+    model = micro_llama()
+    align, harmful, general = batches
+    state = clone_state(model)
+    model.zero_grad(set_to_none=True)
+    delta = attack_displacement(model, [harmful, general], steps=5, lr=1e-2)
+    assert_state_identical(model, state)
+    assert all(p.grad is None for p in model.parameters())
+    # re-stated: torch's AdamW on a copy, the two batches in turn, the response CE written out
+    copy_ = copy.deepcopy(model)
+    opt = torch.optim.AdamW(copy_.parameters(), lr=1e-2, weight_decay=0.0)
+    for k in range(5):
+        opt.zero_grad()
+        _ce(copy_, [harmful, general][k % 2]).backward()
+        opt.step()
+    expected = [q.detach() - p.detach() for q, p in zip(copy_.parameters(), model.parameters())]
+    assert rel_error(delta, expected) < 1e-5
+    with torch.no_grad():  # the fine-tune descends the harmful loss
+        assert float(_ce(_moved(model, delta, 1.0), harmful)) < float(_ce(model, harmful))
+
+
+def test_the_attack_path_trap_adds_the_collapse_gradient_at_theta_plus_delta(batches):
+    model = micro_llama()
+    align, harmful, general = batches
+    delta = attack_displacement(model, [harmful], steps=3, lr=1e-2)
+    kwargs = dict(lam=0.5, step_size=0.1, attack_steps=3, attack_lam=0.7)
+    model.zero_grad(set_to_none=True)
+    stats = ctrap_step(model, align, harmful, general, _params(**kwargs), token_id=TOKEN, displacement=delta)
+    got = param_grads(model)
+    without, plain = _step_grads(model, align, harmful, general, **kwargs)
+    moved = _moved(model, delta, 1.0)
+    col = _ce(moved, general, TOKEN)
+    v = torch.autograd.grad(col, list(moved.parameters()))
+    assert rel_error(got, [w + 0.7 * vi for w, vi in zip(without, v)]) < 1e-5
+    assert stats["loss_collapse_attack"] == pytest.approx(float(col), rel=1e-5)
+    assert stats["loss"] == pytest.approx(plain["loss"] + 0.7 * stats["loss_collapse_attack"], rel=1e-6)
+    with pytest.raises(ValueError, match="attack-path trap"):
+        ctrap_step(model, align, harmful, general, _params(gradient_mode="exact", **kwargs), token_id=TOKEN,
+                   displacement=delta)
 
 
 def test_collapse_at_every_step_averages_the_traps_along_the_unrolled_attack(batches):

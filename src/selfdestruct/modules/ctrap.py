@@ -1,19 +1,22 @@
 """CTRAP's module (SPEC §4): the shared defense module plus what CTRAP keeps across steps.
 
 The mathematics lives in :mod:`selfdestruct.objectives.ctrap`. CTRAP needs a module of its own for two things
-the shared step does not give: the collapse token e (from the tokenizer) and, for the Adam-shaped look-ahead (an
-option beyond the paper), the running second moment of the harmful gradient across steps.
+the shared step does not give: the collapse token e (from the tokenizer) and what options beyond the paper keep
+across steps: the running second moment of the harmful gradient (the Adam-shaped look-ahead) and the recent harmful
+batches with the displacement of a simulated fine-tune on them (the attack-path trap, ``attack_steps``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
 
 import torch
 
 from selfdestruct.modules.defense import Batch, DefenseModule, data_parallel_reduce
-from selfdestruct.objectives.ctrap import CtrapParams, SecondMoment, collapse_token_id, ctrap_step, make_replicas
+from selfdestruct.objectives.ctrap import (CtrapParams, SecondMoment, attack_displacement, collapse_token_id,
+                                          ctrap_step, make_replicas)
 from selfdestruct.pipeline.training import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,10 @@ class CTRAPModule(DefenseModule):
         # Copies of the model on which further radii run concurrently (use_branch_threads); a plain list, so they
         # are neither submodules nor in checkpoints; they follow the model to its device at the first step.
         self.replicas: list[torch.nn.Module] = []
+        # attack_steps > 0: the harmful batches of the last attack_steps steps and the displacement Δ of the last
+        # simulated fine-tune on them (refreshed every attack_refresh steps; both saved with the checkpoints)
+        self.attack_batches: deque[Batch] = deque(maxlen=max(1, params.attack_steps))
+        self.displacement: list[torch.Tensor] | None = None
 
     def use_branch_threads(self, threads: int) -> int:
         """Several radii: one thread per contiguous run of radii, each on its own copy of the model (checked and
@@ -52,6 +59,9 @@ class CTRAPModule(DefenseModule):
         state = super().extra_state()
         if self.second_moment is not None:  # lookahead=adam: the running E[g_h²] and its step count
             state["second_moment"] = {"v": self.second_moment.v, "step": self.second_moment.step}
+        if self.displacement is not None:
+            state["attack_path"] = {"displacement": [d.cpu() for d in self.displacement],
+                                    "batches": [{k: v.cpu() for k, v in b.items()} for b in self.attack_batches]}
         return state
 
     def load_extra_state(self, state: dict) -> None:
@@ -61,6 +71,12 @@ class CTRAPModule(DefenseModule):
             params = self.trainable_parameters()
             self.second_moment.v = None if saved["v"] is None else [v.to(p.device) for v, p in zip(saved["v"], params)]
             self.second_moment.step = int(saved["step"])
+        path = state.get("attack_path")
+        if path is not None:
+            device = next(self.model.parameters()).device
+            self.displacement = [d.to(device) for d in path["displacement"]]
+            self.attack_batches.clear()
+            self.attack_batches.extend({k: v.to(device) for k, v in b.items()} for b in path["batches"])
 
     def defense_step(self, batch: Mapping[str, Batch]) -> dict[str, float]:
         # Published recipe: one retain batch (refusals ⊕ helpful) carries both the alignment and the collapse loss.
@@ -68,4 +84,17 @@ class CTRAPModule(DefenseModule):
         device = next(self.model.parameters()).device
         self.replicas = [r if next(r.parameters()).device == device else r.to(device) for r in self.replicas]
         return ctrap_step(self.model, align, batch["harmful"], general, self.defense_params, token_id=self.token_id,
-                          second_moment=self.second_moment, reduce_fn=data_parallel_reduce(), replicas=self.replicas)
+                          second_moment=self.second_moment, reduce_fn=data_parallel_reduce(), replicas=self.replicas,
+                          displacement=self.attack_path(batch["harmful"]))
+
+    def attack_path(self, harmful: Batch) -> list[torch.Tensor] | None:
+        """``attack_steps`` > 0: Δ of a simulated AdamW fine-tune on the recent harmful batches, recomputed at the
+        first step and every ``attack_refresh`` steps after it (None when the option is off)."""
+        p = self.defense_params
+        if p.attack_steps == 0:
+            return None
+        self.attack_batches.append({k: v.detach() for k, v in harmful.items()})
+        if self.displacement is None or len(self.losses) % p.attack_refresh == 0:
+            self.displacement = attack_displacement(self.model, list(self.attack_batches), p.attack_steps,
+                                                    p.attack_lr)
+        return self.displacement

@@ -75,6 +75,13 @@ class CtrapParams(AdapterParams):
     num_samples: int | None = None  # harmful examples; None = the whole defense pool
     num_align: int | None = None  # retain: refusal/helpful pairs; align_general: alignment examples; None = all
     num_general: int | None = None  # align_general only: examples for the collapse loss; None = all
+    # A trap where a real attack ends (beyond the paper; 0 = off): every attack_refresh steps, attack_steps AdamW
+    # steps at attack_lr on the harmful batches of the last attack_steps defense steps give the displacement Δ of
+    # an attacker's fine-tune; each step then adds attack_lam·∇ℓ_col(θ + Δ; D_gen) (first order, Δ held fixed).
+    attack_steps: int = 0
+    attack_lr: float = 3e-4
+    attack_refresh: int = 20
+    attack_lam: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +92,10 @@ class CtrapParams(AdapterParams):
         check_number(self, "lam")
         check_number(self, "step_size", low=0.0, low_open=True)
         check_number(self, "unroll_steps", low=1, integer=True)
+        check_number(self, "attack_steps", low=0, integer=True)
+        check_number(self, "attack_lr", low=0.0, low_open=True)
+        check_number(self, "attack_refresh", low=1, integer=True)
+        check_number(self, "attack_lam")
         check_number(self, "adam_beta2", low=0.0, high=1.0, low_open=True)
         for name in ("num_samples", "num_align", "num_general"):
             check_number(self, name, low=1, integer=True, optional=True)
@@ -200,6 +211,29 @@ def lookahead_step(
     return Lookahead(grads, 1.0 / (length + NORM_EPS) if kind == "sgd" else 1.0 / length)
 
 
+def attack_displacement(model: torch.nn.Module, batches: Sequence[Batch], steps: int, lr: float) -> TensorList:
+    """Δ = θ_K − θ after K = ``steps`` AdamW steps (weight decay 0, as the attack stage) at ``lr`` on the response
+    cross-entropy of ``batches``, taken in turn; the trainable parameters and their ``.grad`` are put back exactly.
+    The simulated attacker of ``CtrapParams.attack_steps``: where a real fine-tune of the model ends."""
+    params = trainable_parameters(model)
+    saved_grads = [q.grad for q in params]
+    start = [q.detach().clone() for q in params]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    try:
+        for k in range(steps):
+            for q in params:
+                q.grad = None
+            response_ce(model, batches[k % len(batches)]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            return [q.detach() - s for q, s in zip(params, start)]
+    finally:
+        with torch.no_grad():
+            for q, s, g in zip(params, start, saved_grads):
+                q.copy_(s)
+                q.grad = g
+
+
 # --------------------------------------------------------------------------------------------------------------
 # One CTRAP step
 # --------------------------------------------------------------------------------------------------------------
@@ -216,6 +250,7 @@ def ctrap_step(
     second_moment: SecondMoment | None = None,
     reduce_fn: ReduceFn | None = None,
     replicas: Sequence[torch.nn.Module] = (),
+    displacement: TensorList | None = None,
 ) -> dict[str, float]:
     """Accumulate ∇ℓ(θ; D_align) + λ·∇_θ ℓ_col(θ'; D_gen) into ``p.grad``; return the step's stats.
 
@@ -239,9 +274,13 @@ def ctrap_step(
     Stats: loss (ℓ_align + λ·ℓ_col), loss_align, loss_harmful (ℓ(θ; D_adv), whose gradient defines the step),
     loss_collapse (ℓ_col at θ', mean over radii and, with collapse_at="every", over the steps), norm_h (‖g_h‖);
     with ``measure_lookahead`` loss_harmful_lookahead (ℓ(θ'; D_adv)); with ``unroll_steps`` > 1
-    loss_harmful_unrolled (the harmful loss where the last simulated step starts).
+    loss_harmful_unrolled (the harmful loss where the last simulated step starts); with ``displacement`` (Δ of
+    :func:`attack_displacement`, ``attack_steps`` > 0) loss_collapse_attack (ℓ_col at θ + Δ), and loss adds
+    attack_lam times it.
     """
     _check_mode(p, reduce_fn, replicas)
+    if displacement is not None and (reduce_fn is not None or p.gradient == "exact"):
+        raise ValueError("the attack-path trap (attack_steps) supports gradient='first_order' in one process only")
     params = trainable_parameters(model)
     counts = [select_labels(b["labels"]).count for b in (harmful, general, align)]
     weights = _token_weights(reduce_fn, params, counts)
@@ -252,10 +291,18 @@ def ctrap_step(
     del step
     if p.gradient == "exact":  # −λ·∇_θ ⟨pull, d(θ)⟩ with pull held constant: the part of the chain rule through g_h
         _add_exact_correction(model, params, harmful, trace.pull, p)
+    attack_collapse = None
+    if displacement is not None:  # attack_lam·∇ℓ_col(θ + Δ; D_gen), taken as the gradient at θ
+        with displaced(params):
+            shift_(params, displacement, 1.0)
+            attack_collapse = _plant_trap(model, params, general, token_id, p.attack_lam, weights.collapse, None, 0.0)
     align_loss = response_ce(model, align)
     add_gradient(align_loss, params, weights.align)
     average_grads(reduce_fn, params)
     stats = _ctrap_stats(value(align_loss), value(harmful_loss), norm_h, trace, counts, p, reduce_fn, params)
+    if attack_collapse is not None:
+        stats["loss"] += p.attack_lam * attack_collapse
+        stats["loss_collapse_attack"] = attack_collapse
     check_finite("CTRAP", params, **stats)
     return stats
 
