@@ -310,15 +310,16 @@ def red_team_table(files: list[Path], threshold: int = 8) -> tuple[list[str], li
 
 
 def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
-    """Per defend run with ``defense.trap_check``: the red team's no-win after each checked epoch (from the released
-    model's provenance), the epoch whose weights were released, and the no-win of the attack grid beside it."""
+    """Per defend run with ``defense.trap_check`` (``OUT/SETTING/sSEED/defend``, the layout of candidate.sh): the red
+    team's no-win after each checked epoch (from the released model's provenance), the epoch whose weights were
+    released, and the no-win of the attack grid beside it."""
     from selfdestruct.models.io import read_provenance
 
     checks = {run: read_provenance(run / "model").get("trap_check") or [] for run in defend_runs}
     epochs = sorted({r["epoch"] for results in checks.values() for r in results})
     lines = ["`defense.trap_check` during the defense (the red team's no-win after each checked epoch; the defense "
              "releases the weights of the last epoch it trained) and the attack grid of the released model:", "",
-             "| seed | defense | " + " | ".join(f"red team after epoch {e}" for e in epochs) +
+             "| setting | seed | " + " | ".join(f"red team after epoch {e}" for e in epochs) +
              " | released after epoch | no-win of its grid |",
              "|---|---|" + "---|" * len(epochs) + "---|---|"]
     metrics: list[dict] = []
@@ -329,7 +330,7 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
         metrics += runs_metrics
         won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
         last = max(by_epoch) if by_epoch else "—"
-        lines.append(f"| {provenance.get('seed')} | {provenance.get('defense')} | " +
+        lines.append(f"| {run.parent.parent.name} | {provenance.get('seed')} | " +
                      " | ".join(by_epoch.get(e, "—") for e in epochs) + f" | {last} | {won} |")
     return lines, metrics
 

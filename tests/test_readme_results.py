@@ -309,5 +309,5 @@ def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_gri
     (run / "defend" / "model" / "selfdestruct.json").write_text(json.dumps(
         {"seed": 7, "defense": "trap", "trap_check": checks}))
     text, _ = gen.trap_check_table([run / "defend"])
-    assert "| seed | defense | red team after epoch 3 | red team after epoch 4 | released after epoch | no-win of its grid |" in text
-    assert "| 7 | trap | 4/9 | 8/9 | 4 | 1/2 |" in text
+    assert "| setting | seed | red team after epoch 3 | red team after epoch 4 | released after epoch | no-win of its grid |" in text
+    assert "| check | 7 | 4/9 | 8/9 | 4 | 1/2 |" in text

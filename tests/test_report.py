@@ -515,3 +515,13 @@ def test_two_defended_models_of_one_defense_and_seed_are_not_counted_as_one_grid
         acceptance.rows(report)
     alone = build_report([tmp_path / "m1"], collect([tmp_path / "m1"]))
     assert [(r.won, r.cells) for r in acceptance.rows(alone)] == [(9, 9)]
+
+
+def test_a_settings_defense_overrides_include_those_that_add_a_key():
+    from types import SimpleNamespace
+
+    from selfdestruct.report.acceptance import _defense_overrides
+
+    runs = [SimpleNamespace(job_overrides=["+defense.params.attack_steps=96", "defense=ctrap_tuned", f"seed={s}",
+                                           "+eval.max_examples=4"], overrides=[]) for s in (13, 18)]
+    assert _defense_overrides(runs) == ["defense=ctrap_tuned", "+defense.params.attack_steps=96"]

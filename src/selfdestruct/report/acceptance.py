@@ -143,8 +143,10 @@ class Setting:
 
 
 def _defense_overrides(runs: Sequence[Run]) -> list[str]:
-    """The ``defense=...``/``defense.*`` overrides common to every run, in the first run's order."""
-    listed = [[o for o in (run.job_overrides or run.overrides) if o.split("=", 1)[0].split(".")[0] == "defense"]
+    """The ``defense=...``/``defense.*`` overrides (also those that add a key, ``+defense.*``) common to every run,
+    in the first run's order."""
+    listed = [[o for o in (run.job_overrides or run.overrides)
+               if o.split("=", 1)[0].lstrip("+~").split(".")[0] == "defense"]
               for run in runs]
     common = [o for o in listed[0] if all(o in other for other in listed[1:])] if listed else []
     return sorted(common, key=lambda o: not o.startswith("defense="))
