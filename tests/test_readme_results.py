@@ -34,6 +34,8 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("defense-orders", "defense_orders_second_machine.md", "defense_orders"),
         ("trap-probe", "trap_probe_second_machine.md", "trap_probe"),
         ("trap-check-design", "trap_check_design.md", "trap_check_design"),
+        ("red-team", "red_team_second_machine.md", "red_team"),
+        ("far-design", "far_design.md", "far_design"),
     )},
 }
 
