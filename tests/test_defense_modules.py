@@ -411,8 +411,9 @@ PAPER = {
 @pytest.mark.parametrize("name", ["seam", "ctrap"])
 def test_defense_configs_compose_with_paper_defaults_and_every_key_is_consumed(name, tmp_path):
     cfg = compose_config("defend", [f"defense={name}"], tmp_path)
-    assert set(cfg.defense) == {"name", "seed", "params", "optim"} and cfg.defense.name == name
+    assert set(cfg.defense) == {"name", "seed", "trap_check", "params", "optim"} and cfg.defense.name == name
     assert cfg.defense.seed is None  # the defense's data order is the run's unless asked
+    assert cfg.defense.trap_check is None  # no red team unless asked
     optim = OptimConfig(**cfg.defense.optim)  # every optim key is an OptimConfig field
     params = parse_params(name, cfg.defense.params)  # every params key is a field (unknown keys raise)
     cls = DEFENSES[name].params
@@ -660,3 +661,19 @@ def test_the_attack_path_is_refreshed_every_attack_refresh_steps_on_the_recent_h
 
     rows = [r for r in csvlib.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("defense/loss")]
     assert len(rows) == 8 and all(math.isfinite(float(r["defense/loss_collapse_attack"])) for r in rows)
+
+
+def test_the_attack_path_keys_stay_out_of_the_cache_key_while_the_option_is_off(tmp_path):
+    """conf/defense/ctrap.yaml lists attack_steps and its three companions; while attack_steps is 0 the defense
+    stage's cache key holds the params it held before the option existed, and any attack_* value changes it once
+    attack_steps > 0."""
+    from selfdestruct.objectives.ctrap import ATTACK_PATH_FIELDS, ctrap_key_params
+
+    cfg = compose_config("defend", ["defense=ctrap_tuned"], tmp_path)
+    params = dict(cfg.defense.params)
+    assert set(ATTACK_PATH_FIELDS) <= set(params) and params["attack_steps"] == 0
+    assert ctrap_key_params(params) == {k: v for k, v in params.items() if not k.startswith("attack_")}
+    on = {**params, "attack_steps": 96}
+    assert ctrap_key_params(on) == on and ctrap_key_params({**on, "attack_lam": 0.2}) != ctrap_key_params(on)
+    assert DEFENSES["ctrap"].key_params(params) == ctrap_key_params(params)
+    assert DEFENSES["seam"].key_params({"beta": 1.0}) == {"beta": 1.0}

@@ -17,7 +17,7 @@ from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.modules.npo import NPOModule
 from selfdestruct.objectives.booster import BoosterParams, booster_step
-from selfdestruct.objectives.ctrap import CtrapParams
+from selfdestruct.objectives.ctrap import CtrapParams, ctrap_key_params
 from selfdestruct.objectives.npo import NpoParams
 from selfdestruct.objectives.repnoise import RepNoiseParams, repnoise_step
 from selfdestruct.objectives.seam import SeamParams, seam_step
@@ -34,6 +34,8 @@ class Defense:
     module calls as ``objective(model, *batches in roles order, params, reduce_fn=...)``. ``module``: a
     :class:`DefenseModule` subclass instead, built as ``module(model, optim, params, tokenizer=tokenizer)``.
     ``exact``: whether the parameters ask for double backward (the whole fit then runs with eager attention).
+    ``key_params``: ``defense.params`` as the stage's cache key sees them (options that are off may be left out, so
+    that entries cached before an option existed keep their keys).
     """
 
     params: type | None = None
@@ -42,13 +44,15 @@ class Defense:
     roles: tuple[str, ...] = ()
     module: type[DefenseModule] | None = None
     exact: Callable[[Any], bool] = lambda p: False
+    key_params: Callable[[dict], dict] = dict
 
 
 DEFENSES: dict[str, Defense] = {
     "sft": Defense(),
     "seam": Defense(SeamParams, streams.seam_streams, seam_step, ("harmful", "refusal", "benign"),
                     exact=lambda p: p.estimator == "exact"),
-    "ctrap": Defense(CtrapParams, streams.ctrap_streams, module=CTRAPModule, exact=lambda p: p.gradient == "exact"),
+    "ctrap": Defense(CtrapParams, streams.ctrap_streams, module=CTRAPModule, exact=lambda p: p.gradient == "exact",
+                     key_params=ctrap_key_params),
     "repnoise": Defense(RepNoiseParams, streams.paired_streams, repnoise_step, ("harmful", "refusal")),
     "vaccine": Defense(VaccineParams, streams.role_streams("align"), vaccine_step, ("align",)),
     "npo": Defense(NpoParams, streams.role_streams("align", "harmful"), module=NPOModule),

@@ -107,6 +107,17 @@ class CtrapParams(AdapterParams):
                              "retain batch itself (set num_align, or data=align_general)")
 
 
+ATTACK_PATH_FIELDS = ("attack_steps", "attack_lr", "attack_refresh", "attack_lam")
+
+
+def ctrap_key_params(params: dict) -> dict:
+    """``defense.params`` as the defense stage's cache key sees them: the attack-path fields left out while
+    ``attack_steps`` is 0 (off), so that the entries cached before the option existed keep their keys."""
+    if params.get("attack_steps", 0):
+        return dict(params)
+    return {k: v for k, v in params.items() if k not in ATTACK_PATH_FIELDS}
+
+
 def collapse_token_id(tokenizer, word: str = "error", rule: str = "published") -> int:
     """CTRAP's collapse target e for ``word`` (default "error").
 

@@ -183,10 +183,13 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     reference), so an attack on it needs nothing else, and the trap checks' results (``defense.trap_check``;
     ``make_evaluator(tokenizer)`` gives the evaluator whose judge they use).
     """
+    from selfdestruct.defenses import DEFENSES
+
     optim = defense.optim.cache_key() if defense.optim else None
+    params = DEFENSES[defense.name].key_params(defense.params) if defense.name in DEFENSES else defense.params
     key = {"stage": "defend", "version": CACHE_VERSION, "aligned": checkpoint_id(aligned_dir), "defense": defense.name,
            "label": defense.display_name,
-           "params": defense.params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
+           "params": params, "optim": optim, "seed": ctx.seed, **length_key(ctx.trainer)}
     if defense.seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
         key["defense_seed"] = defense.seed
     if defense.trap_check is not None:  # likewise
