@@ -36,6 +36,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("trap-check-design", "trap_check_design.md", "trap_check_design"),
         ("red-team", "red_team_second_machine.md", "red_team"),
         ("far-design", "far_design.md", "far_design"),
+        ("far-selection", "far_selection.md", "far_selection"),
     )},
 }
 
