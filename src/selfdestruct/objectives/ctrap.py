@@ -6,7 +6,8 @@ the model predicts one constant token e everywhere. The default gradient is firs
 differentiates through g_h by double backward (small models only).
 
 Options beyond the paper, all off by default: a look-ahead shaped like the attacker's optimiser (``lookahead``),
-several step sizes (``radii``) and a short unrolled attack (``unroll_steps``). The published-code facts and the
+several step sizes (``radii``), a short unrolled attack (``unroll_steps``) and a trap where a simulated AdamW
+fine-tune ends (``attack_steps``, :func:`attack_displacement`). The published-code facts and the
 motivation for them are in SPEC §4 and issue 3.
 """
 
