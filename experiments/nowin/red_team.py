@@ -12,12 +12,10 @@ beside it (``DIR/../grid``: the layout of experiments/nowin/candidate.sh), so th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
 
 
 def grid_no_win(grid_dir: Path) -> tuple[int, int] | None:
@@ -34,37 +32,22 @@ def grid_no_win(grid_dir: Path) -> tuple[int, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from saved_models import for_each_model
 
     from selfdestruct import cli_common as cc
     from selfdestruct.eval.red_team import TrapCheckConfig, red_team, red_team_data
-    from selfdestruct.models.io import load_model_dir, read_provenance
     from selfdestruct.pipeline.streams import benign_tasks
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="defend", overrides=["trainer.progress_bar=false"])
-    bundle, fmt = cc.data_bundle(cfg), cc.prompt_format(cfg)
     check = TrapCheckConfig()
-    data = red_team_data(bundle.defense_harmful, benign_tasks(bundle.align), check)
-    for path in args.paths:
-        model_path = path / "model" if (path / "model").is_dir() else path
-        model, tokenizer = load_model_dir(model_path)
-        provenance = read_provenance(model_path)
-        seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
+
+    def measure(model, tokenizer, cfg, bundle, fmt, seed, path) -> dict:
+        data = red_team_data(bundle.defense_harmful, benign_tasks(bundle.align), check)
         result = red_team(model, tokenizer, fmt, cc.evaluator(cfg, tokenizer, bundle), data, check, seed)
         grid = grid_no_win(path.parent / "grid") if (path / "model").is_dir() else None
-        line = json.dumps({"path": str(path), "defense": provenance.get("defense"), "seed": provenance.get("seed"),
-                           "defense_seed": seed, "grid_no_win": grid, **result})
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
-    return 0
+        return {"grid_no_win": grid, **result}
+
+    return for_each_model(__doc__, argv, measure)
 
 
 if __name__ == "__main__":

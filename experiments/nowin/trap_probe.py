@@ -12,8 +12,6 @@ experiments/nowin/README.md ("What decides a shallow trap") reports how well the
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import statistics
 import sys
@@ -72,42 +70,17 @@ def trap_probe(model: torch.nn.Module, tokenizer, harmful, benign, fmt, seed: in
     return {"before": before, "after": after, "score": statistics.median(after.values())}
 
 
-def model_dir(path: Path) -> Path:
-    if (path / "model").is_dir():  # a defend run keeps its model beside its metrics.json
-        return path / "model"
-    if (path / "metrics.json").is_file():
-        return Path(json.loads((path / "metrics.json").read_text())["model_path"])
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from saved_models import for_each_model
 
-    from selfdestruct import cli_common as cc
-    from selfdestruct.models.io import load_model_dir, read_provenance
     from selfdestruct.pipeline.streams import benign_tasks
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", type=Path)
-    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="defend")
-    bundle, fmt = cc.data_bundle(cfg), cc.prompt_format(cfg)
-    for path in args.paths:
-        model_path = model_dir(path)
-        model, tokenizer = load_model_dir(model_path)
-        provenance = read_provenance(model_path)
-        seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
+    def measure(model, tokenizer, cfg, bundle, fmt, seed, path) -> dict:
         result = trap_probe(model, tokenizer, bundle.defense_harmful, benign_tasks(bundle.align), fmt, seed)
-        line = json.dumps({"path": str(path), "model": str(model_path), "defense": provenance.get("defense"),
-                           "seed": provenance.get("seed"), "probe_order": seed, **result})
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
-    return 0
+        return {"probe_order": seed, **result}
+
+    return for_each_model(__doc__, argv, measure)
 
 
 if __name__ == "__main__":
