@@ -86,7 +86,9 @@ class TrapCheck(pl.Callback):
     red team's attacks) and kept in :attr:`results`; with ``stop_at`` the defense ends at the first checked epoch end
     whose red team wins at least that many cells, and those weights are released. The checks neither consume the
     training's random numbers nor change its weights, so without ``stop_at`` the released model is the one the
-    defense releases without the check."""
+    defense releases without the check. With ``optim.spike_rollback``, a defense that ``stop_at`` ends before its
+    last epoch releases the last iterate (the weights the check judged): the rollback keeps copies of the
+    stage's last steps only."""
 
     def __init__(self, cfg: TrapCheckConfig, tokenizer, fmt: PromptFormat, evaluator, data: RedTeamData,
                  seed: int) -> None:
