@@ -315,7 +315,8 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
     released, and the no-win of the attack grid beside it."""
     from selfdestruct.models.io import read_provenance
 
-    checks = {run: read_provenance(run / "model").get("trap_check") or [] for run in defend_runs}
+    provenance = {run: read_provenance(run / "model") for run in defend_runs}
+    checks = {run: p.get("trap_check") or [] for run, p in provenance.items()}
     epochs = sorted({r["epoch"] for results in checks.values() for r in results})
     lines = ["`defense.trap_check` during the defense (the red team's no-win after each checked epoch; the defense "
              "releases the weights of the last epoch it trained) and the attack grid of the released model:", "",
@@ -324,13 +325,12 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
              "|---|---|" + "---|" * len(epochs) + "---|---|"]
     metrics: list[dict] = []
     for run, results in checks.items():
-        provenance = read_provenance(run / "model")
         by_epoch = {r["epoch"]: f"{r['no_win']}/{r['cells']}" for r in results}
         rows, runs_metrics = sibling_grid(str(run))
         metrics += runs_metrics
         won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
         last = max(by_epoch) if by_epoch else "—"
-        lines.append(f"| {run.parent.parent.name} | {provenance.get('seed')} | " +
+        lines.append(f"| {run.parent.parent.name} | {provenance[run].get('seed')} | " +
                      " | ".join(by_epoch.get(e, "—") for e in epochs) + f" | {last} | {won} |")
     return lines, metrics
 

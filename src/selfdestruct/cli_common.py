@@ -228,14 +228,16 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
         base = base_model_dir(embedded, model_arch(cfg), optim_config(cfg, "pretrain"))
         aligned = aligned_model_dir(embedded, base, optim_config(cfg, "align"))
 
+    def make_evaluator(tokenizer):
+        return evaluator(cfg, tokenizer, bundle)
+
     def evaluate(model, tokenizer, stage: str):
-        return evaluator(cfg, tokenizer, bundle)(model, stage)
+        return make_evaluator(tokenizer)(model, stage)
 
     if spec.name != "sft" and "fsdp" in str(cfg.trainer.strategy):
         raise UserError(f"defense={spec.name} with trainer.strategy={cfg.trainer.strategy}: the defenses need "
                         "whole gradients on every rank; use trainer=ddp (sharded training is for SFT and attacks)")
-    return defended_model_dir(ctx, aligned, spec, evaluate, make_evaluator=lambda tokenizer: evaluator(cfg, tokenizer,
-                                                                                                       bundle))
+    return defended_model_dir(ctx, aligned, spec, evaluate, make_evaluator=make_evaluator)
 
 
 def job_loggers(cfg: DictConfig, run_dir: Path):

@@ -100,7 +100,9 @@ class TrapCheck(pl.Callback):
         epoch = trainer.current_epoch + 1
         if epoch < self.cfg.from_epoch or any(r["epoch"] == epoch for r in self.results):
             return
-        model = merged(copy.deepcopy(pl_module.model))
+        model = pl_module.model  # the red team attacks copies and leaves the model as it was
+        if hasattr(model, "merge_and_unload"):  # LoRA: the adapters merged into a copy, as the defense releases it
+            model = merged(copy.deepcopy(model))
         result = {"epoch": epoch, "step": trainer.global_step,
                   **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
         del model
