@@ -335,6 +335,66 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
+def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tuple[list[str], list[dict]]:
+    """A defender's cascade over settings tried in order, each ``OUT/SETTING`` of candidate.sh runs with
+    ``defense.trap_check``: on each seed (the ``sSEED`` directories of the first setting) it releases the first
+    setting whose red team (the last trap check) wins ``threshold`` cells, else the one whose red team won most (the
+    earlier on a tie). The released models' rows against SFT's runs of the same seed, beside the first setting's."""
+    from selfdestruct.models.io import read_provenance
+    from selfdestruct.report import acceptance, build_report, collect
+
+    report = build_report([*steps, *sft], collect([*steps, *sft]))
+    baseline = {row.seed: row for row in acceptance.rows(report, sft) if row.defense == acceptance.BASELINE_DEFENSE}
+
+    def defended(root: Path):
+        own = [row for row in acceptance.rows(report, [root]) if row.defense != acceptance.BASELINE_DEFENSE]
+        if len(own) != 1:
+            raise SystemExit(f"error: {root}: expected the grid and benign runs of one defended model, found "
+                             f"{len(own)}")
+        return own[0]
+
+    lines = ["A cascade of settings tried in order (" + ", then ".join(f"`{s.name}`" for s in steps) + "): on each "
+             f"seed the first whose red team (`defense.trap_check`, the last check) wins {threshold} cells is "
+             "released, else the one whose red team won most (the earlier on a tie); its attack grid and benign "
+             "fine-tune against SFT's of the same seed, beside the first setting released alone:", "",
+             "| seed | " + " | ".join(f"red team: {s.name}" for s in steps) + " | released | no-win: "
+             f"{steps[0].name} alone | no-win: released | utility (/ SFT) | benign task acc. (/ SFT) "
+             "| utility after benign (/ SFT) | released meets the bars | first alone meets the bars |",
+             "|---|" + "---|" * len(steps) + "---|---|---|---|---|---|---|---|"]
+    totals = {"released": 0, "first": 0, "released_pass": 0, "first_pass": 0, "cells": 0}
+    seeds = sorted(int(d.name[1:]) for d in steps[0].glob("s*") if d.name[1:].isdigit())
+    for seed in seeds:
+        red: dict[Path, int] = {}
+        checked = {}  # the last trap check of each setting tried on this seed
+        for step in steps:
+            model = step / f"s{seed}" / "defend" / "model"
+            if not model.is_dir():
+                break
+            checked[step] = read_provenance(model)["trap_check"][-1]
+            red[step] = checked[step]["no_win"]
+            if red[step] >= threshold:
+                break
+        released = next((s for s in red if red[s] >= threshold), max(red, key=lambda s: (red[s], -steps.index(s))))
+        first, chosen = defended(steps[0] / f"s{seed}"), defended(released / f"s{seed}")
+        sft_row = baseline.get(seed)
+        ratios = chosen.ratios(sft_row)
+        cells = [f"{acceptance._fmt(v)}" + (f" ({acceptance._fmt(r, 2)})" if r is not None else "")
+                 for v, r in zip((chosen.utility, chosen.task_accuracy, chosen.benign_utility), ratios)]
+        passes = chosen.passes(sft_row), first.passes(sft_row)
+        totals["released"] += chosen.won
+        totals["first"] += first.won
+        totals["released_pass"] += passes[0]
+        totals["first_pass"] += passes[1]
+        totals["cells"] += chosen.cells
+        lines.append(f"| {seed} | " + " | ".join(f"{red[s]}/{checked[s]['cells']}" if s in red else "not run" for s in steps) +
+                     f" | {released.name} | {first.won}/{first.cells} | {chosen.won}/{chosen.cells} | " +
+                     " | ".join(cells) + " | " + " | ".join("yes" if p else "**no**" for p in passes) + " |")
+    lines += ["", f"Released models meet every bar on {totals['released_pass']} of {len(seeds)} seeds "
+              f"(`{steps[0].name}` alone: {totals['first_pass']}); no-win cells in total: released "
+              f"{totals['released']}, `{steps[0].name}` alone {totals['first']}, of {totals['cells']}."]
+    return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -455,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON-lines files of experiments/nowin/red_team.py --out")
     parser.add_argument("--trap-check", nargs="*", type=Path, default=[],
                         help="defend run directories of a defense with defense.trap_check: its checks per epoch")
+    parser.add_argument("--cascade", nargs="*", type=Path, default=[],
+                        help="OUT/SETTING directories of candidate.sh runs with defense.trap_check, in the cascade's "
+                             "order: what it releases on each seed (needs --cascade-sft)")
+    parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -464,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.selection and not args.selection_sft:
         parser.error("--selection needs --selection-sft (the SFT runs of the selection seeds)")
+    if args.cascade and not args.cascade_sft:
+        parser.error("--cascade needs --cascade-sft (the SFT runs of the cascade's seeds)")
     lines: list[str] = []
     everything: list[dict] = []
     sections = [(args.basic, basic_table), (args.grid, lambda d: grid_table(d, args.grid_caption)),
@@ -473,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
                 (args.probe, probe_table), (args.red_team, red_team_table),
-                (args.trap_check, trap_check_table)]
+                (args.trap_check, trap_check_table),
+                (args.cascade, lambda d: cascade_table(d, args.cascade_sft))]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -481,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team and/or --trap-check inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check and/or --cascade inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

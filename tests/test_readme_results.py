@@ -153,22 +153,26 @@ def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_
     assert len(metrics) == 12 + 3  # the re-runs' environments are stamped too
 
 
+def _setting_runs(root: Path, defense: str, seed: int, utility: float, safe_cells: int, overrides: list[str],
+                  safe_hs: float = 0.0) -> None:
+    """One setting's runs of one seed as candidate.sh lays them out: a 3 x 3 grid whose first ``safe_cells`` cells
+    stay safe (the others comply and keep utility) and a benign fine-tune."""
+    pre = {"utility": utility, "harmful_score": 0.0}
+    for i in range(9):
+        post = {"harmful_score": safe_hs if i < safe_cells else 1.0, "utility": utility}
+        _write(root / "grid" / str(i), seed, pre, post)
+    _write(root / "benign", seed, pre, {"task_accuracy": 1.0, "utility": utility, "harmful_score": 0.0})
+    for metrics_file in root.rglob("metrics.json"):
+        data = json.loads(metrics_file.read_text())
+        data.update(defense=defense, overrides=[f"defense={defense}", *overrides, f"seed={seed}"])
+        if "benign" in metrics_file.parts:
+            data["attack"]["kind"] = "benign"
+        metrics_file.write_text(json.dumps(data))
+
+
 def test_selection_table_gives_every_seed_of_each_setting_and_on_how_many_it_meets_the_bars(tmp_path):
     gen = _generator()
-
-    def runs(root: Path, defense: str, seed: int, utility: float, safe_cells: int, overrides: list[str],
-             safe_hs: float = 0.0) -> None:
-        pre = {"utility": utility, "harmful_score": 0.0}
-        for i in range(9):  # the first `safe_cells` cells stay safe, the others comply and keep utility
-            post = {"harmful_score": safe_hs if i < safe_cells else 1.0, "utility": utility}
-            _write(root / "grid" / str(i), seed, pre, post)
-        _write(root / "benign", seed, pre, {"task_accuracy": 1.0, "utility": utility, "harmful_score": 0.0})
-        for metrics_file in root.rglob("metrics.json"):
-            data = json.loads(metrics_file.read_text())
-            data.update(defense=defense, overrides=[f"defense={defense}", *overrides, f"seed={seed}"])
-            if "benign" in metrics_file.parts:
-                data["attack"]["kind"] = "benign"
-            metrics_file.write_text(json.dumps(data))
+    runs = _setting_runs
 
     for seed in (0, 1, 2, 10):
         runs(tmp_path / "sft" / f"s{seed}", "sft", seed, 0.9, 2, [])
@@ -314,3 +318,31 @@ def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_gri
     text, _ = gen.trap_check_table([run / "defend"])
     assert "| setting | seed | red team after epoch 3 | red team after epoch 4 | released after epoch | no-win of its grid |" in text
     assert "| check | 7 | 4/9 | 8/9 | 4 | 1/2 |" in text
+
+
+def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_and_counts_both_ways(tmp_path):
+    gen = _generator()
+
+    def setting(name: str, seed: int, red_team: int, safe_cells: int, utility: float = 0.9) -> None:
+        root = tmp_path / name / f"s{seed}"
+        _setting_runs(root, "trap", seed, utility, safe_cells, [])
+        (root / "defend" / "model").mkdir(parents=True)
+        (root / "defend" / "model" / "selfdestruct.json").write_text(json.dumps(
+            {"seed": seed, "defense": "trap", "trap_check": [{"epoch": 3, "no_win": red_team, "cells": 9}]}))
+
+    for seed in (1, 2, 3):
+        _setting_runs(tmp_path / "sft" / f"s{seed}", "sft", seed, 0.9, 2, [])
+    setting("first", 1, 9, 9)  # its red team wins: released, the second setting is not tried
+    setting("second", 1, 9, 0)  # (had it been, it would be worse: never read)
+    setting("first", 2, 5, 4)
+    setting("second", 2, 7, 8)  # more red-team wins than the first: released
+    setting("first", 3, 6, 5)
+    setting("second", 3, 6, 9, utility=0.5)  # a tie goes to the earlier setting
+    lines, metrics = gen.cascade_table([tmp_path / "first", tmp_path / "second"], [tmp_path / "sft"])
+    text = "\n".join(lines)
+    assert "| 1 | 9/9 | not run | first | 9/9 | 9/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | yes |" in text
+    assert "| 2 | 5/9 | 7/9 | second | 4/9 | 8/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | **no** |" in text
+    assert "| 3 | 6/9 | 6/9 | first | 5/9 | 5/9 |" in text
+    assert lines[-1] == ("Released models meet every bar on 2 of 3 seeds (`first` alone: 1); no-win cells in total: "
+                         "released 22, `first` alone 18, of 27.")
+    assert len(metrics) == 3 * 3 * 10
