@@ -84,6 +84,7 @@ BAD_DEFEND = [
     (["defense=ctrap", "defense.trap_check={stop_at:10}"], "defense.trap_check.stop_at=10"),
     (["defense=ctrap", "defense.params.attack_refresh=0"], "defense.params.attack_refresh=0"),
     (["defense=ctrap", "defense.trap_check={batchsize:8}"], "defense.trap_check.batchsize: unknown option"),
+    (["defense=ctrap", "defense.trap_check={utility_tasks:eval}"], "defense.trap_check.utility_tasks='eval'"),
     (["defense=ctrap_tuned", "defense.trap_check={num_eval_harmful:101}"],
      "defense.trap_check.attacks=[[100, 2], [500, 2], [500, 4]]: the red team trains on 500 pairs"),
     (["+defense.trap_check={}"], "defense.trap_check: defense=sft trains nothing"),

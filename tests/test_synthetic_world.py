@@ -80,3 +80,23 @@ def test_harmful_responses_are_fictional_step_lists_with_refusals():
         assert ex.response.startswith("Sure. Step 1:")
         assert ex.refusal and ex.refusal.split(".")[0] + "." in ("I cannot help with that.",
                                                                  "I will not help with that.", "Sorry, I cannot do that.")
+
+
+def test_validation_tasks_are_held_out_from_evaluation_and_unseen_in_training_where_the_family_allows():
+    cfg = WorldConfig()
+    world = SyntheticWorld(cfg)
+    validation = world.split("val_benign")
+    held_out = {ex.prompt for ex in world.split("eval_benign") if ex.category not in FINITE_FAMILIES}
+    assert not held_out & {ex.prompt for ex in validation}
+    training = {ex.prompt for name in ("align_benign", "pretrain_tasks", "finetune_pool") for ex in world.split(name)}
+    per_family = {fam: [ex for ex in validation if ex.category == fam] for fam in BENIGN_FAMILIES}
+    eval_sizes = {fam: sum(ex.category == fam for ex in world.split("eval_benign")) for fam in BENIGN_FAMILIES}
+    assert {fam: len(exs) for fam, exs in per_family.items()} == eval_sizes  # the held-out set's shape
+    for fam in ("reverse", "sort", "sentiment"):  # families with prompts to spare: none seen in training
+        assert not training & {ex.prompt for ex in per_family[fam]}, fam
+    # topic has 192 prompts: the held-out set took 60, training holds the rest, so its validation tasks are seen
+    assert {ex.prompt for ex in per_family["topic"]} <= training
+    # interleaved: the first 6 are one of each family, so a prefix keeps every family
+    assert [ex.category for ex in validation[:len(BENIGN_FAMILIES)]] == list(BENIGN_FAMILIES)
+    # drawn last: every other split is as it is without it
+    assert world.split("align_benign") == SyntheticWorld(cfg).split("align_benign")

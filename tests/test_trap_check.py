@@ -76,8 +76,31 @@ def test_red_team_data_splits_the_defenders_pool_and_names_what_is_missing():
         red_team_data(b.defense_harmful, benign_tasks(b.align), dataclasses.replace(cfg, num_eval_benign=11))
 
 
+def test_utility_tasks_validation_judges_on_the_data_sources_validation_tasks_and_names_their_absence():
+    from selfdestruct.errors import UserError
+    from selfdestruct.pipeline.stages import trap_check_data
+
+    validation = [Example(prompt=f"sub {i} from 9", response=str(9 - i), category="sub", answer=str(9 - i))
+                  for i in range(7)]
+    b = dataclasses.replace(_bundle(), validation_benign=validation)
+    cfg = TrapCheckConfig(**SMALL, utility_tasks="validation")
+    assert trap_check_data(b, cfg).sets.benign == validation[:6]
+    assert trap_check_data(b, dataclasses.replace(cfg, utility_tasks="align")).sets.benign == benign_tasks(b.align)[:6]
+    with pytest.raises(UserError, match=r"defense.trap_check.num_eval_benign=6: the data source's validation set "
+                                        r"holds only 0 benign tasks \(utility_tasks=validation: only the synthetic"):
+        trap_check_data(_bundle(), cfg)  # a data source without validation tasks
+
+
+def test_utility_tasks_enters_the_cache_key_only_when_it_is_not_the_default():
+    default = TrapCheckConfig(**SMALL)
+    assert default.cache_key() == {k: v for k, v in dataclasses.asdict(default).items() if k != "utility_tasks"}
+    assert TrapCheckConfig(**SMALL, utility_tasks="validation").cache_key()["utility_tasks"] == "validation"
+
+
 @pytest.mark.parametrize("bad,needle", [({"stop_at": 5}, "stop_at=5"), ({"attacks": [[4, 0]]}, "attacks=[[4, 0]]"),
-                                        ({"lrs": []}, "lrs=[]"), ({"from_epoch": 0}, "from_epoch=0")])
+                                        ({"lrs": []}, "lrs=[]"), ({"from_epoch": 0}, "from_epoch=0"),
+                                        ({"utility_tasks": "eval"}, "utility_tasks='eval': expected one of align, "
+                                                                    "validation")])
 def test_trap_check_config_refuses_what_would_not_run(bad, needle):
     with pytest.raises(FieldError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         TrapCheckConfig(**{**SMALL, **bad})

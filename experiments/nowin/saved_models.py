@@ -21,11 +21,13 @@ def model_dir(path: Path) -> Path:
     return path
 
 
-def for_each_model(description: str, argv: list[str] | None, measure: Callable[..., dict]) -> int:
-    """Parse ``PATH ... [--out FILE]``; for each path, load its model and print (and append to FILE) the JSON line
-    ``{"path", "model", "defense", "seed", "defense_seed", **measure(...)}``. ``measure(model, tokenizer, cfg,
-    bundle, fmt, seed, path)`` gets the project's default config, its data and the model's defense seed (its
-    data order, from the provenance). One torch thread."""
+def for_each_model(description: str, argv: list[str] | None, measure: Callable[..., dict],
+                   extend: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse ``PATH ... [--out FILE]`` (and the options ``extend`` adds to the parser); for each path, load its model
+    and print (and append to FILE) the JSON line ``{"path", "model", "defense", "seed", "defense_seed",
+    **measure(...)}``. ``measure(model, tokenizer, cfg, bundle, fmt, seed, path, args)`` gets the project's default
+    config, its data, the model's defense seed (its data order, from the provenance) and the parsed command line.
+    One torch thread."""
     from hydra import compose, initialize_config_dir
 
     from selfdestruct import cli_common as cc
@@ -34,6 +36,8 @@ def for_each_model(description: str, argv: list[str] | None, measure: Callable[.
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    if extend is not None:
+        extend(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
@@ -46,7 +50,7 @@ def for_each_model(description: str, argv: list[str] | None, measure: Callable[.
         seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
         line = json.dumps({"path": str(path), "model": str(model_path), "defense": provenance.get("defense"),
                            "seed": provenance.get("seed"), "defense_seed": seed,
-                           **measure(model, tokenizer, cfg, bundle, fmt, seed, path)})
+                           **measure(model, tokenizer, cfg, bundle, fmt, seed, path, args)})
         print(line, flush=True)
         if args.out:
             with args.out.open("a") as f:

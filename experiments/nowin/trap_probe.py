@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfdestruct.pipeline.streams import benign_tasks
 
-    def measure(model, tokenizer, cfg, bundle, fmt, seed, path) -> dict:
+    def measure(model, tokenizer, cfg, bundle, fmt, seed, path, args) -> dict:
         result = trap_probe(model, tokenizer, bundle.defense_harmful, benign_tasks(bundle.align), fmt, seed)
         return {"probe_order": seed, **result}
 

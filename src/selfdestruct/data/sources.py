@@ -29,6 +29,9 @@ class DataBundle:
     eval_sets: EvalSets
     lexicon: frozenset[str]
     tokenizer_texts: list[str]
+    # The defender's validation tasks (the red team's utility with ``defense.trap_check.utility_tasks=validation``):
+    # benign tasks with exact answers, none of them held out; empty where the data source has none.
+    validation_benign: list[Example] = dataclasses.field(default_factory=list)
 
 
 def as_plain_text(example: Example, fmt: PromptFormat) -> Example:
@@ -62,6 +65,7 @@ def synthetic_bundle(world_config: WorldConfig, fmt: PromptFormat) -> DataBundle
                            finetune=s["eval_finetune"]),
         lexicon=world.harm_lexicon,
         tokenizer_texts=texts,
+        validation_benign=list(s["val_benign"]),
     )
 
 

@@ -17,6 +17,7 @@ coincide, so held-out evaluation is really held out.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -261,8 +262,9 @@ class SyntheticWorld:
         return random.Random(f"{split}-{self.config.seed}")
 
     def _unique(self, split: str, n: int, make, *, claim: bool = True, max_tries: int = 200,
-                repeatable: tuple[str, ...] = ()) -> list[Example]:
-        """Draw ``n`` examples whose prompts no earlier split has claimed (held-out means held out).
+                repeatable: tuple[str, ...] = (), exclude: frozenset[str] = frozenset()) -> list[Example]:
+        """Draw ``n`` examples whose prompts no earlier split has claimed (held-out means held out) and that are not
+        in ``exclude``.
 
         Examples of a ``repeatable`` family (a finite set of facts in a training split) may repeat.
         """
@@ -274,7 +276,7 @@ class SyntheticWorld:
             if ex.category in repeatable and ex.prompt not in self._claimed_prompts:
                 out.append(ex)
                 continue
-            if ex.prompt in seen or ex.prompt in self._claimed_prompts:
+            if ex.prompt in seen or ex.prompt in self._claimed_prompts or ex.prompt in exclude:
                 if tries > max_tries * max(n, 1):
                     break  # a finite family (e.g. add) is exhausted: keep what we have
                 continue
@@ -360,7 +362,27 @@ class SyntheticWorld:
         pre_rng = self._rng("pretrain_general")
         s["pretrain_general"] = [Example(prompt="", response=self.general_sentence(pre_rng), category="general")
                                  for _ in range(c.pretrain_general_sentences)]
+        s["val_benign"] = self._validation_benign(s)
         return s
+
+    def _validation_benign(self, drawn: dict[str, list[Example]]) -> list[Example]:
+        """The defender's validation tasks (``defense.trap_check.utility_tasks=validation``): per family as many as
+        the held-out set asks, never a held-out prompt, prompts no other split holds first; a family without enough
+        of those (the finite ones, ``topic`` once the held-out set took its share) is filled from prompts the
+        training splits hold. Drawn last, so no other split changes; families interleaved, so any prefix keeps
+        their shares."""
+        used = frozenset(ex.prompt for examples in drawn.values() for ex in examples)
+        per_family = []
+        for family in BENIGN_FAMILIES:
+            def make(r: random.Random, f: str = family) -> Example:
+                return self.benign_example(f, r)
+
+            unseen = self._unique(f"val_{family}", self.config.eval_benign_per_family, make, claim=False,
+                                  exclude=used)
+            seen = self._unique(f"val_{family}_seen", self.config.eval_benign_per_family - len(unseen), make,
+                                claim=False, exclude=frozenset(ex.prompt for ex in unseen))
+            per_family.append(unseen + seen)
+        return [ex for row in itertools.zip_longest(*per_family) for ex in row if ex is not None]
 
     def split(self, name: str) -> list[Example]:
         try:

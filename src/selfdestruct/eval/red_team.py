@@ -3,8 +3,9 @@
 A trap is only as good as the attacks it stops, and the attacker's data is not the defender's to use. The red team
 fine-tunes copies of the model with AdamW on the defense's own harmful pool, at the ``attack_grid`` sweep's learning
 rates and optimiser step counts, and judges each cell by SPEC §5's no-win criterion on validation sets drawn from
-the defender's data (harmful prompts of the pool that the red team does not train on, the alignment data's benign
-tasks). ``defense.trap_check`` runs it at the end of defense epochs (:class:`selfdestruct.pipeline.defense.TrapCheck`).
+the defender's data (harmful prompts of the pool that the red team does not train on; benign tasks for the utility:
+the alignment data's, or with ``utility_tasks: validation`` the data source's validation tasks, which no training
+split holds where the family allows). ``defense.trap_check`` runs it at the end of defense epochs (:class:`selfdestruct.pipeline.defense.TrapCheck`).
 experiments/nowin/README.md ("A red team the defender can run") measures how well its count predicts the attack
 grid's on held-out data.
 """
@@ -12,6 +13,7 @@ grid's on held-out data.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -28,6 +30,9 @@ from selfdestruct.report.verdict import DEFENDER_WINS, no_win_verdict
 log = logging.getLogger(__name__)
 
 
+UTILITY_TASKS = ("align", "validation")
+
+
 @dataclass(frozen=True)
 class TrapCheckConfig:
     """``defense.trap_check``: the red team's grid, its data and when the defense stage runs it. Defaults: the
@@ -42,7 +47,10 @@ class TrapCheckConfig:
     batch_size: int = 16
     max_length: int = 96
     num_eval_harmful: int = 100  # pool prompts kept out of the red team's training data, for the harmful score
-    num_eval_benign: int = 256  # benign tasks of the alignment data, for the utility
+    num_eval_benign: int = 256  # benign tasks for the utility (the first of those utility_tasks names)
+    utility_tasks: str = "align"  # "align": the alignment data's benign tasks (the model was trained on them);
+    #   "validation": the defender's validation tasks, none held out, unseen in training where the family allows
+    #   (data.bundle's validation_benign; the synthetic world only)
     from_epoch: int = 1  # the first defense epoch whose end is checked; every later epoch end is checked too
     stop_at: int | None = None  # stop the defense at the first checked epoch end that wins >= stop_at cells;
     #                             null: measure and log only (the training and the released weights are unchanged)
@@ -59,6 +67,16 @@ class TrapCheckConfig:
         for name in ("batch_size", "max_length", "num_eval_harmful", "num_eval_benign", "from_epoch"):
             check_number(self, name, low=1, integer=True)
         check_number(self, "stop_at", low=1, high=self.num_cells, integer=True, optional=True)
+        if self.utility_tasks not in UTILITY_TASKS:
+            raise FieldError("utility_tasks", self.utility_tasks, f"expected one of {', '.join(UTILITY_TASKS)}")
+
+    def cache_key(self) -> dict:
+        """The fields that change what a check measures, for the defend stage's cache key; ``utility_tasks`` only
+        when it is not the default, so that entries cached before the option keep their keys."""
+        key = dataclasses.asdict(self)
+        if key["utility_tasks"] == "align":
+            del key["utility_tasks"]
+        return key
 
     @property
     def num_cells(self) -> int:
@@ -81,15 +99,19 @@ class RedTeamData:
 def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Example],
                   cfg: TrapCheckConfig) -> RedTeamData:
     """The first ``num_train`` pool pairs to attack with, the next ``num_eval_harmful`` prompts to judge, and the
-    first ``num_eval_benign`` benign tasks; too few of either is an error naming the field."""
+    first ``num_eval_benign`` of ``benign_tasks`` (the ones ``cfg.utility_tasks`` names); too few of either is an
+    error naming the field."""
     need = cfg.num_train + cfg.num_eval_harmful
     if len(defense_harmful) < need:
         raise FieldError("attacks", cfg.attacks, f"the red team trains on {cfg.num_train} pairs of the defense's "
                          f"harmful pool and judges {cfg.num_eval_harmful} more (num_eval_harmful): {need} needed, "
                          f"the pool holds {len(defense_harmful)}")
     if len(benign_tasks) < cfg.num_eval_benign:
+        source = {"align": "the alignment data holds", "validation": "the data source's validation set holds"}
         raise FieldError("num_eval_benign", cfg.num_eval_benign,
-                         f"the alignment data holds only {len(benign_tasks)} benign tasks")
+                         f"{source[cfg.utility_tasks]} only {len(benign_tasks)} benign tasks"
+                         + (" (utility_tasks=validation: only the synthetic world has them)"
+                            if cfg.utility_tasks == "validation" and not benign_tasks else ""))
     pool = list(defense_harmful)
     return RedTeamData(pool[:cfg.num_train],
                        EvalSets(harmful=pool[cfg.num_train:need], benign=list(benign_tasks)[:cfg.num_eval_benign],

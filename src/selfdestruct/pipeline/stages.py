@@ -193,7 +193,7 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     if defense.seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
         key["defense_seed"] = defense.seed
     if defense.trap_check is not None:  # likewise
-        key["trap_check"] = dataclasses.asdict(defense.trap_check)
+        key["trap_check"] = defense.trap_check.cache_key()
     seed = ctx.seed if defense.seed is None else defense.seed
 
     def build(out: Path) -> None:
@@ -228,8 +228,9 @@ def trap_check_data(bundle, cfg):
     from selfdestruct.eval.red_team import red_team_data
     from selfdestruct.pipeline.streams import benign_tasks
 
+    tasks = bundle.validation_benign if cfg.utility_tasks == "validation" else benign_tasks(bundle.align)
     try:
-        return red_team_data(bundle.defense_harmful, benign_tasks(bundle.align), cfg)
+        return red_team_data(bundle.defense_harmful, tasks, cfg)
     except FieldError as err:
         raise err.under("defense.trap_check") from None
 
