@@ -299,11 +299,18 @@ def test_red_team_table_puts_each_model_beside_its_grid_and_counts_agreement(tmp
                    {"harmful_score": hs, "utility": 0.8})
         records.append({"path": str(run / "defend"), "defense": "trap", "seed": seed, "defense_seed": seed,
                         "no_win": red_won, "cells": 3, "pre": {"harmful_score": 0.0, "utility": 0.875}, "grid": []})
+    # the same model of seed 5 judged on the validation tasks (lines without utility_tasks are the alignment's)
+    records.append({**records[-1], "utility_tasks": "validation", "no_win": 1})
     lines = tmp_path / "red.jsonl"
     lines.write_text("".join(json.dumps(r) + "\n" for r in records))
     text, _ = gen.red_team_table([lines], threshold=2)
-    assert "| 4 | trap | 4 | 0.875 | 2/3 | 2/3 |" in text and "| 5 | trap | 5 | 0.875 | 2/3 | 0/3 |" in text
-    assert text[-1] == "Defended models (not sft) on the same side of 2 wins in both: 1 of 2."
+    assert "| 4 | trap | 4 | align | 0.875 | 2/3 | 2/3 |" in text and "| 5 | trap | 5 | align | 0.875 | 2/3 | 0/3 |" in text
+    assert "| 5 | trap | 5 | validation | 0.875 | 1/3 | 0/3 |" in text
+    assert text[-2:] == [
+        "Defended models (not sft) on the same side of 2 wins in both, utility on align tasks: 1 of 2; of the 1 the "
+        "grid beat, the red team beat 0.",
+        "Defended models (not sft) on the same side of 2 wins in both, utility on validation tasks: 1 of 1; of the 1 "
+        "the grid beat, the red team beat 1."]
 
 
 def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_grid(tmp_path):
@@ -346,3 +353,34 @@ def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_an
     assert lines[-1] == ("Released models meet every bar on 2 of 3 seeds (`first` alone: 1); no-win cells in total: "
                          "released 22, `first` alone 18, of 27.")
     assert len(metrics) == 3 * 3 * 10
+
+
+@pytest.mark.parametrize(("first", "second", "released"), [(9, None, "ctrap_tuned_tc"), (5, 7, "ctrap_tuned_r6"),
+                                                           (5, 5, "ctrap_tuned_tc"), (6, 3, "ctrap_tuned_tc")])
+def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_better(tmp_path, first, second,
+                                                                                      released):
+    """experiments/nowin/cascade.sh with candidate.sh replaced by a stub that writes each setting's trap check."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    shutil.copy(NOWIN / "cascade.sh", scripts)
+    wins = {"ctrap_tuned_tc": first, "ctrap_tuned_r6": second}
+    (scripts / "candidate.sh").write_text(
+        'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
+        'echo "$name $*" >> "$out/calls"\n'
+        'case $name in ' + " ".join(f'{n}) won={w};;' for n, w in wins.items() if w is not None) + ' esac\n'
+        'echo "{\\"trap_check\\": [{\\"epoch\\": 3, \\"no_win\\": $won, \\"cells\\": 9}]}" '
+        '> "$out/$name/s$seed/defend/model/selfdestruct.json"\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", str(scripts / "cascade.sh"), str(out), "7"], check=True, capture_output=True, env=env)
+    calls = (out / "calls").read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["ctrap_tuned_tc"] + (["ctrap_tuned_r6"] if second is not None else [])
+    assert "defense.trap_check={from_epoch:3}" in calls[0]
+    if second is not None:
+        assert calls[1].endswith("defense.params.radii=[0.002,0.006]")
+    assert (out / "cascade.log").read_text() == f"seed 7: red team {first} of 9 for ctrap_tuned_tc; released {released}\n"
