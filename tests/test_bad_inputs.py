@@ -85,6 +85,8 @@ BAD_DEFEND = [
     (["defense=ctrap", "defense.params.attack_refresh=0"], "defense.params.attack_refresh=0"),
     (["defense=ctrap", "defense.trap_check={batchsize:8}"], "defense.trap_check.batchsize: unknown option"),
     (["defense=ctrap", "defense.trap_check={utility_tasks:eval}"], "defense.trap_check.utility_tasks='eval'"),
+    (["defense=ctrap_tuned", "defense.trap_check={fallback:[{radius:0.006}]}"],
+     "defense.trap_check.fallback[0]: defense.params.radius"),
     (["defense=ctrap_tuned", "defense.trap_check={num_eval_harmful:101}"],
      "defense.trap_check.attacks=[[100, 2], [500, 2], [500, 4]]: the red team trains on 500 pairs"),
     (["+defense.trap_check={}"], "defense.trap_check: defense=sft trains nothing"),

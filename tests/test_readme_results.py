@@ -37,6 +37,8 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("red-team", "red_team_second_machine.md", "red_team"),
         ("far-design", "far_design.md", "far_design"),
         ("far-selection", "far_selection.md", "far_selection"),
+        ("cascade-fresh", "cascade_fresh.md", "cascade_fresh"),
+        ("red-team-validation", "red_team_validation.md", "red_team_validation"),
     )},
 }
 
@@ -307,10 +309,10 @@ def test_red_team_table_puts_each_model_beside_its_grid_and_counts_agreement(tmp
     assert "| 4 | trap | 4 | align | 0.875 | 2/3 | 2/3 |" in text and "| 5 | trap | 5 | align | 0.875 | 2/3 | 0/3 |" in text
     assert "| 5 | trap | 5 | validation | 0.875 | 1/3 | 0/3 |" in text
     assert text[-2:] == [
-        "Defended models (not sft) on the same side of 2 wins in both, utility on align tasks: 1 of 2; of the 1 the "
-        "grid beat, the red team beat 0.",
-        "Defended models (not sft) on the same side of 2 wins in both, utility on validation tasks: 1 of 1; of the 1 "
-        "the grid beat, the red team beat 1."]
+        "`red.jsonl`, utility on align tasks: defended models (not sft) on the same side of 2 wins in both 1 of 2; of "
+        "the 1 the grid beat, the red team beat 0.",
+        "`red.jsonl`, utility on validation tasks: defended models (not sft) on the same side of 2 wins in both 1 of "
+        "1; of the 1 the grid beat, the red team beat 1."]
 
 
 def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_grid(tmp_path):
@@ -347,9 +349,9 @@ def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_an
     setting("second", 3, 6, 9, utility=0.5)  # a tie goes to the earlier setting
     lines, metrics = gen.cascade_table([tmp_path / "first", tmp_path / "second"], [tmp_path / "sft"])
     text = "\n".join(lines)
-    assert "| 1 | 9/9 | not run | first | 9/9 | 9/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | yes |" in text
-    assert "| 2 | 5/9 | 7/9 | second | 4/9 | 8/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | **no** |" in text
-    assert "| 3 | 6/9 | 6/9 | first | 5/9 | 5/9 |" in text
+    assert "| 1 | 2/9 | 9/9 | not run | first | 9/9 | 9/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | yes |" in text
+    assert "| 2 | 2/9 | 5/9 | 7/9 | second | 4/9 | 8/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | **no** |" in text
+    assert "| 3 | 2/9 | 6/9 | 6/9 | first | 5/9 | 5/9 |" in text
     assert lines[-1] == ("Released models meet every bar on 2 of 3 seeds (`first` alone: 1); no-win cells in total: "
                          "released 22, `first` alone 18, of 27.")
     assert len(metrics) == 3 * 3 * 10

@@ -93,7 +93,8 @@ def test_utility_tasks_validation_judges_on_the_data_sources_validation_tasks_an
 
 def test_utility_tasks_enters_the_cache_key_only_when_it_is_not_the_default():
     default = TrapCheckConfig(**SMALL)
-    assert default.cache_key() == {k: v for k, v in dataclasses.asdict(default).items() if k != "utility_tasks"}
+    assert default.cache_key() == {k: v for k, v in dataclasses.asdict(default).items()
+                                   if k not in ("utility_tasks", "fallback", "fallback_at")}
     assert TrapCheckConfig(**SMALL, utility_tasks="validation").cache_key()["utility_tasks"] == "validation"
 
 
@@ -232,3 +233,49 @@ def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_mode
     assert provenance["key"]["trap_check"]["attacks"] == [[4, 1], [8, 1]]
     [result] = provenance["trap_check"]
     assert result["epoch"] == 1 and result["cells"] == 2 and [c["steps"] for c in result["grid"]] == [1, 2]
+
+
+@pytest.mark.parametrize(("wins", "released"), [([4], 0), ([2, 3], 1), ([2, 1, 2], 0), ([0, 1, 2], 2)])
+def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_the_best(tmp_path, monkeypatch, wins,
+                                                                                         released):
+    """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first whose
+    red team wins fallback_at cells is released, else the one that won most, the earlier on a tie."""
+    import json
+
+    from selfdestruct.pipeline import stages
+
+    fallback = [{"radii": [0.002, 0.006]}, {"lam": 0.5}]
+    check = TrapCheckConfig(**SMALL, fallback=fallback, fallback_at=3)  # 3 of the small grid's 4 cells
+    wins_of = iter(wins)  # each setting's red team, in turn
+    built = []
+
+    def trained(ctx, aligned, setting, evaluate, make_evaluator):
+        built.append(setting)
+        out = tmp_path / f"setting{len(built)}"
+        out.mkdir()
+        (out / "selfdestruct.json").write_text(json.dumps({"trap_check": [{"no_win": next(wins_of), "cells": 4}]}))
+        return out
+
+    monkeypatch.setattr(stages, "trained_defense_dir", trained)
+    spec = stages.DefenseSpec(name="ctrap", params={"lam": 0.3, "radii": [0.002, 0.004]}, trap_check=check)
+    model = stages.defended_model_dir(None, tmp_path, spec, evaluate=None)
+    assert model == tmp_path / f"setting{released + 1}"
+    assert len(built) == len(wins)  # tried in turn, stopping at the first that reaches fallback_at
+    assert [s.params for s in built] == [{"lam": 0.3, "radii": [0.002, 0.004]}, {"lam": 0.3, "radii": [0.002, 0.006]},
+                                         {"lam": 0.5, "radii": [0.002, 0.004]}][:len(wins)]
+    assert all(s.trap_check == dataclasses.replace(check, fallback=[]) for s in built)
+    assert [s.parsed.lam for s in built] == [0.3, 0.3, 0.5][:len(wins)]
+
+
+def test_a_fallback_setting_is_keyed_as_the_plain_check_of_that_setting():
+    with_fallback = TrapCheckConfig(from_epoch=3, fallback=[{"radii": [0.002, 0.006]}])
+    assert with_fallback.cache_key() == TrapCheckConfig(from_epoch=3).cache_key()
+
+
+@pytest.mark.parametrize("bad,needle", [({"fallback": [{}]}, "fallback=[{}]: expected a list of non-empty maps"),
+                                        ({"fallback": {"lam": 1}}, "fallback={'lam': 1}: expected a list"),
+                                        ({"fallback": [{"lam": 1}], "fallback_at": 5}, "fallback_at=5")])
+def test_fallback_config_refuses_what_would_not_run(bad, needle):
+    with pytest.raises(FieldError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")
+                       .replace("}", r"\}")):
+        TrapCheckConfig(**{**SMALL, **bad})

@@ -181,6 +181,11 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
         from selfdestruct.eval.red_team import TrapCheckConfig
 
         trap_check = to_dataclass(TrapCheckConfig, node.trap_check, "defense.trap_check")
+        for i, overrides in enumerate(trap_check.fallback):  # each fallback setting checked before any work too
+            try:
+                parse_params(str(node.name), {**params, **overrides})
+            except UserError as err:
+                raise UserError(f"defense.trap_check.fallback[{i}]: {err}") from None
     return DefenseSpec(name=str(node.name), params=params, optim=optim, label=str(node.get("label") or node.name),
                        parsed=parsed, seed=seed, trap_check=trap_check)
 

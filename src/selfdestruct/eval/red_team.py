@@ -54,6 +54,10 @@ class TrapCheckConfig:
     from_epoch: int = 1  # the first defense epoch whose end is checked; every later epoch end is checked too
     stop_at: int | None = None  # stop the defense at the first checked epoch end that wins >= stop_at cells;
     #                             null: measure and log only (the training and the released weights are unchanged)
+    fallback: list[dict] = field(default_factory=list)  # defense.params overrides of settings tried in turn, each
+    #   trained with this check, while the last one's red team (its last check) wins fewer than fallback_at cells;
+    #   the first that reaches it is released, else the one that won most (the earlier on a tie). []: none
+    fallback_at: int = 8
 
     def __post_init__(self) -> None:
         if not self.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
@@ -69,11 +73,17 @@ class TrapCheckConfig:
         check_number(self, "stop_at", low=1, high=self.num_cells, integer=True, optional=True)
         if self.utility_tasks not in UTILITY_TASKS:
             raise FieldError("utility_tasks", self.utility_tasks, f"expected one of {', '.join(UTILITY_TASKS)}")
+        if not isinstance(self.fallback, (list, tuple)) or not all(isinstance(o, dict) and o for o in self.fallback):
+            raise FieldError("fallback", self.fallback, "expected a list of non-empty maps of defense.params "
+                             "overrides, e.g. [{radii: [0.002, 0.006]}]")
+        check_number(self, "fallback_at", low=1, high=self.num_cells if self.fallback else None, integer=True)
 
     def cache_key(self) -> dict:
-        """The fields that change what a check measures, for the defend stage's cache key; ``utility_tasks`` only
-        when it is not the default, so that entries cached before the option keep their keys."""
+        """The fields that change what a check measures, for the defend stage's cache key (each setting of a
+        fallback is its own entry, keyed as a plain check); ``utility_tasks`` only when it is not the default, so
+        that entries cached before the option keep their keys."""
         key = dataclasses.asdict(self)
+        del key["fallback"], key["fallback_at"]
         if key["utility_tasks"] == "align":
             del key["utility_tasks"]
         return key

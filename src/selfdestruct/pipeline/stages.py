@@ -16,7 +16,7 @@ from selfdestruct.data.datamodule import EncodedDataset, StreamsDataModule
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.records import Example
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
-from selfdestruct.models.io import load_model_dir, save_model_dir
+from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_parameters
 from selfdestruct.modules.attack import AttackModule
 from selfdestruct.modules.base import OPTIMIZERS
@@ -177,7 +177,36 @@ class DefenseSpec:
 
 def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,
                        make_evaluator=None) -> Path:
-    """The released model of ``defense`` applied to ``aligned_dir``, built once per configuration and cached.
+    """The released model of ``defense`` applied to ``aligned_dir``: :func:`trained_defense_dir`'s, or with
+    ``defense.trap_check.fallback`` the one its red team chooses among the settings tried in turn (each one a cached
+    entry of its own, keyed as a plain check of that setting)."""
+    check = defense.trap_check
+    if check is None or not check.fallback:
+        return trained_defense_dir(ctx, aligned_dir, defense, evaluate, make_evaluator)
+    from selfdestruct.pipeline.defense import parse_params
+
+    plain = dataclasses.replace(check, fallback=[])
+    tried: list[tuple[Path, int]] = []
+    for overrides in [{}, *check.fallback]:
+        params = {**defense.params, **overrides}
+        setting = dataclasses.replace(defense, params=params, parsed=parse_params(defense.name, params),
+                                      trap_check=plain)
+        model = trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator)
+        won = read_provenance(model)["trap_check"][-1]["no_win"]
+        log.info("defense.trap_check.fallback: params overrides %s: red team %d of %d", overrides or "none", won,
+                 check.num_cells)
+        tried.append((model, won))
+        if won >= check.fallback_at:
+            break
+    best = max(range(len(tried)), key=lambda k: (tried[k][1], -k))  # the last tried if it reached fallback_at
+    log.info("defense.trap_check.fallback: releasing setting %d of %d tried (%s)", best + 1, len(tried),
+             ([{}, *check.fallback][best] or "the configured params"))
+    return tried[best][0]
+
+
+def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,
+                        make_evaluator=None) -> Path:
+    """The model of ``defense`` applied to ``aligned_dir``, built once per configuration and cached.
 
     Its provenance records the defense and the aligned model's own evaluation (the no-win criterion's
     reference), so an attack on it needs nothing else, and the trap checks' results (``defense.trap_check``;
