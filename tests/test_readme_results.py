@@ -39,6 +39,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("far-selection", "far_selection.md", "far_selection"),
         ("cascade-fresh", "cascade_fresh.md", "cascade_fresh"),
         ("red-team-validation", "red_team_validation.md", "red_team_validation"),
+        ("cascade-builtin", "cascade_builtin.md", "cascade_builtin"),
     )},
 }
 

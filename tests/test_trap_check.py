@@ -281,13 +281,13 @@ def test_fallback_config_refuses_what_would_not_run(bad, needle):
         TrapCheckConfig(**{**SMALL, **bad})
 
 
-def test_ctrap_cascade_experiment_is_ctrap_tuned_with_a_checked_fallback_to_the_farther_radii(tmp_path):
+def test_nowin_cascade_experiment_is_ctrap_tuned_with_a_checked_fallback_to_the_farther_radii(tmp_path):
     from helpers import compose_config
 
     from selfdestruct import cli_common as cc
 
     tuned = cc.defense_spec(compose_config("attack", ["defense=ctrap_tuned"], tmp_path))
-    spec = cc.defense_spec(compose_config("attack", ["defense=ctrap_tuned", "experiment=ctrap_cascade"], tmp_path))
+    spec = cc.defense_spec(compose_config("attack", ["defense=ctrap_tuned", "experiment=nowin_cascade"], tmp_path))
     assert spec.params == tuned.params and spec.optim == tuned.optim and spec.label == "ctrap-tuned"
     assert spec.trap_check == TrapCheckConfig(from_epoch=3, fallback=[{"radii": [0.002, 0.006]}], fallback_at=8)
     assert tuned.params["radii"] == [0.002, 0.004]  # the fallback changes one parameter of ctrap_tuned
