@@ -335,11 +335,13 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
              "|---|---|" + "---|" * len(epochs) + "---|---|"]
     metrics: list[dict] = []
     for run, results in checks.items():
-        by_epoch = {r["epoch"]: f"{r['no_win']}/{r['cells']}" for r in results}
+        by_epoch = {r["epoch"]: f"{r['no_win']}/{r['cells']}" for r in results if not r.get("released")}
         rows, runs_metrics = sibling_grid(str(run))
         metrics += runs_metrics
         won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
         last = max(by_epoch) if by_epoch else "—"
+        if results and results[-1].get("released"):  # averaged or rolled back: not the last iterate checked
+            last = f"{last} (other weights, red team {results[-1]['no_win']}/{results[-1]['cells']})"
         lines.append(f"| {run.parent.parent.name} | {provenance[run].get('seed')} | " +
                      " | ".join(by_epoch.get(e, "—") for e in epochs) + f" | {last} | {won} |")
     return lines, metrics

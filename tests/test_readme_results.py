@@ -328,6 +328,12 @@ def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_gri
     text, _ = gen.trap_check_table([run / "defend"])
     assert "| setting | seed | red team after epoch 3 | red team after epoch 4 | released after epoch | no-win of its grid |" in text
     assert "| check | 7 | 4/9 | 8/9 | 4 | 1/2 |" in text
+    # a stage that released other weights than the last iterate checked (a rollback): their red team, beside it
+    checks.append({"epoch": 4, "no_win": 6, "cells": 9, "released": True})
+    (run / "defend" / "model" / "selfdestruct.json").write_text(json.dumps(
+        {"seed": 7, "defense": "trap", "trap_check": checks}))
+    text, _ = gen.trap_check_table([run / "defend"])
+    assert "| check | 7 | 4/9 | 8/9 | 4 (other weights, red team 6/9) | 1/2 |" in text
 
 
 def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_and_counts_both_ways(tmp_path):

@@ -93,8 +93,8 @@ def test_utility_tasks_validation_judges_on_the_data_sources_validation_tasks_an
 
 def test_utility_tasks_enters_the_cache_key_only_when_it_is_not_the_default():
     default = TrapCheckConfig(**SMALL)
-    assert default.cache_key() == {k: v for k, v in dataclasses.asdict(default).items()
-                                   if k not in ("utility_tasks", "fallback", "fallback_at")}
+    assert default.cache_key() == {**{k: v for k, v in dataclasses.asdict(default).items()
+                                      if k not in ("utility_tasks", "fallback", "fallback_at")}, "judges": "released"}
     assert TrapCheckConfig(**SMALL, utility_tasks="validation").cache_key()["utility_tasks"] == "validation"
 
 
@@ -186,10 +186,31 @@ def test_a_measuring_trap_check_logs_each_epoch_and_releases_the_same_weights(to
                             "ctrap", CTRAP, optim, trap_check=check)
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), checked.parameters()))
     assert [r["epoch"] for r in check.results] == [2, 3] and all(r["cells"] == 4 for r in check.results)
+    assert not any(r.get("released") for r in check.results)  # the last iterate is released: judged once
     steps_per_epoch = math.ceil(15 / 4)  # the longest stream: 15 general examples
     assert [r["step"] for r in check.results] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "metrics.csv")) if r.get("trap_check/no_win")]
     assert [float(r["trap_check/no_win"]) for r in rows] == [float(r["no_win"]) for r in check.results]
+
+
+def test_weights_the_stage_releases_instead_of_the_last_iterate_are_judged_too(tokenizer, tmp_path):
+    """With optim.ema_decay the released model is the average, not the iterate the epoch-end check judged: its own
+    red team is the last result, so whatever reads the last result (defense.trap_check.fallback) reads the
+    released model's."""
+    from selfdestruct.eval.red_team import weights_digest
+
+    optim = OptimConfig(lr=1e-3, batch_size=4, epochs=2, ema_decay=0.5)
+    check = _check(tokenizer, from_epoch=2)
+    released = apply_defense(micro_llama(vocab=len(tokenizer)), tokenizer, _ctx(tmp_path), "ctrap", CTRAP, optim,
+                             trap_check=check)
+    iterate, last = check.results
+    assert "released" not in iterate and last["released"] is True and last["epoch"] == iterate["epoch"] == 2
+    assert iterate["weights"] != last["weights"] == weights_digest(released)
+    again = red_team(released, tokenizer, FMT, _evaluator(tokenizer), check.data, check.cfg, seed=0)
+    assert [c["utility"] for c in again["grid"]] == [c["utility"] for c in last["grid"]]
+    assert again["no_win"] == last["no_win"]
+    check.judge_released(released)  # the released weights judged once
+    assert len(check.results) == 2
 
 
 def test_stop_at_ends_the_defense_at_the_first_epoch_that_wins(tokenizer, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -86,6 +87,7 @@ class TrapCheckConfig:
         del key["fallback"], key["fallback_at"]
         if key["utility_tasks"] == "align":
             del key["utility_tasks"]
+        key["judges"] = "released"  # the last result judges the released weights (entries from before did not)
         return key
 
     @property
@@ -126,6 +128,15 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
     return RedTeamData(pool[:cfg.num_train],
                        EvalSets(harmful=pool[cfg.num_train:need], benign=list(benign_tasks)[:cfg.num_eval_benign],
                                 general=[]))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of the model's weights (names and bytes, in ``state_dict`` order): equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def attack_copy(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], lr: float) -> torch.nn.Module:

@@ -24,7 +24,7 @@ from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.defenses import DEFENSES
 from selfdestruct.errors import UserError, build_config
-from selfdestruct.eval.red_team import RedTeamData, TrapCheckConfig, red_team
+from selfdestruct.eval.red_team import RedTeamData, TrapCheckConfig, red_team, weights_digest
 from selfdestruct.modules.attack import merged, wrap_lora
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import AdapterParams, eager_attention
@@ -86,9 +86,10 @@ class TrapCheck(pl.Callback):
     red team's attacks) and kept in :attr:`results`; with ``stop_at`` the defense ends at the first checked epoch end
     whose red team wins at least that many cells, and those weights are released. The checks neither consume the
     training's random numbers nor change its weights, so without ``stop_at`` the released model is the one the
-    defense releases without the check. With ``optim.spike_rollback``, a defense that ``stop_at`` ends before its
-    last epoch releases the last iterate (the weights the check judged): the rollback keeps copies of the
-    stage's last steps only."""
+    defense releases without the check. Where that is not the last iterate (``optim.ema_decay``, or
+    ``optim.spike_rollback`` undoing a late spike), :meth:`judge_released` checks it too, so the last result is the
+    released model's. A defense that ``stop_at`` ends before its last epoch releases the last iterate (the weights
+    the check judged): the rollback keeps copies of the stage's last steps only."""
 
     def __init__(self, cfg: TrapCheckConfig, tokenizer, fmt: PromptFormat, evaluator, data: RedTeamData,
                  seed: int) -> None:
@@ -103,7 +104,7 @@ class TrapCheck(pl.Callback):
         model = pl_module.model  # the red team attacks copies and leaves the model as it was
         if hasattr(model, "merge_and_unload"):  # LoRA: the adapters merged into a copy, as the defense releases it
             model = merged(copy.deepcopy(model))
-        result = {"epoch": epoch, "step": trainer.global_step,
+        result = {"epoch": epoch, "step": trainer.global_step, "weights": weights_digest(model),
                   **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
         del model
         self.results.append(result)
@@ -117,6 +118,19 @@ class TrapCheck(pl.Callback):
                  result["pre"]["harmful_score"], f"; stop_at={self.cfg.stop_at}: the defense ends here" if stop else "")
         if stop:
             trainer.should_stop = True
+
+    def judge_released(self, model: torch.nn.Module) -> None:
+        """When the stage released other weights than the last iterate it checked (``optim.ema_decay``'s average,
+        ``optim.spike_rollback``'s weights from before a late loss spike), judge those too, as the last result
+        (``"released": true``): the last result is always the released model's."""
+        if not self.results or self.results[-1]["weights"] == weights_digest(model):
+            return
+        last = self.results[-1]
+        result = {"epoch": last["epoch"], "step": last["step"], "released": True, "weights": weights_digest(model),
+                  **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
+        self.results.append(result)
+        log.info("trap check of the released weights (not the last iterate checked after epoch %d): the red team "
+                 "won %d of %d cells", last["epoch"], result["no_win"], result["cells"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"results": json.dumps(self.results)}  # a string: checkpoints load with weights_only=True
@@ -161,4 +175,7 @@ def apply_defense(model: torch.nn.Module, tokenizer, ctx: StageContext, name: st
     last = module.history[-1] if module.history else {}
     log.info("%s: %d optimiser steps; last step %s", name, trainer.global_step,
              ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
-    return merged(module.model)
+    released = merged(module.model)
+    if trap_check is not None:
+        trap_check.judge_released(released)
+    return released
