@@ -40,6 +40,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-fresh", "cascade_fresh.md", "cascade_fresh"),
         ("red-team-validation", "red_team_validation.md", "red_team_validation"),
         ("cascade-builtin", "cascade_builtin.md", "cascade_builtin"),
+        ("cascade-heldout", "cascade_heldout.md", "cascade_heldout"),
     )},
 }
 
