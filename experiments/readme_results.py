@@ -352,6 +352,7 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
     ``defense.trap_check``: on each seed (the ``sSEED`` directories of the first setting) it releases the first
     setting whose red team (the last trap check) wins ``threshold`` cells, else the one whose red team won most (the
     earlier on a tie). The released models' rows against SFT's runs of the same seed, beside the first setting's."""
+    from selfdestruct.eval.red_team import released_setting
     from selfdestruct.models.io import read_provenance
     from selfdestruct.report import acceptance, build_report, collect
 
@@ -373,38 +374,31 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
              f"{steps[0].name} alone | no-win: released | utility (/ SFT) | benign task acc. (/ SFT) "
              "| utility after benign (/ SFT) | released meets the bars | first alone meets the bars |",
              "|---|---|" + "---|" * len(steps) + "---|---|---|---|---|---|---|---|"]
-    totals = {"released": 0, "first": 0, "released_pass": 0, "first_pass": 0, "cells": 0}
+    outcomes = []  # per seed: (the released model's row, the first setting's row, whether each meets the bars)
     seeds = sorted(int(d.name[1:]) for d in steps[0].glob("s*") if d.name[1:].isdigit())
     for seed in seeds:
-        red: dict[Path, int] = {}
-        checked = {}  # the last trap check of each setting tried on this seed
+        checked = []  # the last trap check of each setting tried on this seed, in order
         for step in steps:
             model = step / f"s{seed}" / "defend" / "model"
             if not model.is_dir():
                 break
-            checked[step] = read_provenance(model)["trap_check"][-1]
-            red[step] = checked[step]["no_win"]
-            if red[step] >= threshold:
+            checked.append(read_provenance(model)["trap_check"][-1])
+            if checked[-1]["no_win"] >= threshold:
                 break
-        released = next((s for s in red if red[s] >= threshold), max(red, key=lambda s: (red[s], -steps.index(s))))
+        released = steps[released_setting([c["no_win"] for c in checked], threshold)]
         first, chosen = defended(steps[0] / f"s{seed}"), defended(released / f"s{seed}")
         sft_row = baseline.get(seed)
-        ratios = chosen.ratios(sft_row)
-        cells = [f"{acceptance._fmt(v)}" + (f" ({acceptance._fmt(r, 2)})" if r is not None else "")
-                 for v, r in zip((chosen.utility, chosen.task_accuracy, chosen.benign_utility), ratios)]
         passes = chosen.passes(sft_row), first.passes(sft_row)
-        totals["released"] += chosen.won
-        totals["first"] += first.won
-        totals["released_pass"] += passes[0]
-        totals["first_pass"] += passes[1]
-        totals["cells"] += chosen.cells
+        outcomes.append((chosen, first, passes))
         sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
-        lines.append(f"| {seed} | {sft_won} | " + " | ".join(f"{red[s]}/{checked[s]['cells']}" if s in red else "not run" for s in steps) +
-                     f" | {released.name} | {first.won}/{first.cells} | {chosen.won}/{chosen.cells} | " +
-                     " | ".join(cells) + " | " + " | ".join("yes" if p else "**no**" for p in passes) + " |")
-    lines += ["", f"Released models meet every bar on {totals['released_pass']} of {len(seeds)} seeds "
-              f"(`{steps[0].name}` alone: {totals['first_pass']}); no-win cells in total: released "
-              f"{totals['released']}, `{steps[0].name}` alone {totals['first']}, of {totals['cells']}."]
+        red = [f"{c['no_win']}/{c['cells']}" for c in checked] + ["not run"] * (len(steps) - len(checked))
+        lines.append(f"| {seed} | {sft_won} | " + " | ".join(red) + f" | {released.name} | {first.won}/{first.cells} | "
+                     f"{chosen.won}/{chosen.cells} | " + " | ".join(acceptance.value_cells(chosen, sft_row)) + " | " +
+                     " | ".join("yes" if p else "**no**" for p in passes) + " |")
+    lines += ["", f"Released models meet every bar on {sum(o[2][0] for o in outcomes)} of {len(seeds)} seeds "
+              f"(`{steps[0].name}` alone: {sum(o[2][1] for o in outcomes)}); no-win cells in total: released "
+              f"{sum(o[0].won for o in outcomes)}, `{steps[0].name}` alone {sum(o[1].won for o in outcomes)}, of "
+              f"{sum(o[0].cells for o in outcomes)}."]
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 

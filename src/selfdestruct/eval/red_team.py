@@ -130,6 +130,13 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
                                 general=[]))
 
 
+def released_setting(wins: Sequence[int], fallback_at: int) -> int:
+    """Which of the settings tried in turn (``wins``: each one's red-team no-win, in order) a fallback releases: the
+    first whose red team won ``fallback_at`` cells, else the one that won most, the earlier on a tie."""
+    reached = [i for i, won in enumerate(wins) if won >= fallback_at]
+    return reached[0] if reached else max(range(len(wins)), key=lambda i: (wins[i], -i))
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A SHA-256 of the model's weights (names and bytes, in ``state_dict`` order): equal digests, equal weights."""
     digest = hashlib.sha256()

@@ -123,10 +123,11 @@ class TrapCheck(pl.Callback):
         """When the stage released other weights than the last iterate it checked (``optim.ema_decay``'s average,
         ``optim.spike_rollback``'s weights from before a late loss spike), judge those too, as the last result
         (``"released": true``): the last result is always the released model's."""
-        if not self.results or self.results[-1]["weights"] == weights_digest(model):
+        digest = weights_digest(model) if self.results else None
+        if digest is None or self.results[-1]["weights"] == digest:
             return
         last = self.results[-1]
-        result = {"epoch": last["epoch"], "step": last["step"], "released": True, "weights": weights_digest(model),
+        result = {"epoch": last["epoch"], "step": last["step"], "released": True, "weights": digest,
                   **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
         self.results.append(result)
         log.info("trap check of the released weights (not the last iterate checked after epoch %d): the red team "

@@ -183,25 +183,26 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     check = defense.trap_check
     if check is None or not check.fallback:
         return trained_defense_dir(ctx, aligned_dir, defense, evaluate, make_evaluator)
+    from selfdestruct.eval.red_team import released_setting
     from selfdestruct.pipeline.defense import parse_params
 
     plain = dataclasses.replace(check, fallback=[])
-    tried: list[tuple[Path, int]] = []
-    for overrides in [{}, *check.fallback]:
+    settings = [{}, *check.fallback]
+    models, wins = [], []
+    for overrides in settings:
         params = {**defense.params, **overrides}
         setting = dataclasses.replace(defense, params=params, parsed=parse_params(defense.name, params),
                                       trap_check=plain)
-        model = trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator)
-        won = read_provenance(model)["trap_check"][-1]["no_win"]
-        log.info("defense.trap_check.fallback: params overrides %s: red team %d of %d", overrides or "none", won,
-                 check.num_cells)
-        tried.append((model, won))
-        if won >= check.fallback_at:
+        models.append(trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator))
+        wins.append(read_provenance(models[-1])["trap_check"][-1]["no_win"])
+        log.info("defense.trap_check.fallback: params overrides %s: red team %d of %d", overrides or "none",
+                 wins[-1], check.num_cells)
+        if wins[-1] >= check.fallback_at:
             break
-    best = max(range(len(tried)), key=lambda k: (tried[k][1], -k))  # the last tried if it reached fallback_at
-    log.info("defense.trap_check.fallback: releasing setting %d of %d tried (%s)", best + 1, len(tried),
-             ([{}, *check.fallback][best] or "the configured params"))
-    return tried[best][0]
+    best = released_setting(wins, check.fallback_at)
+    log.info("defense.trap_check.fallback: releasing setting %d of %d tried (%s)", best + 1, len(models),
+             settings[best] or "the configured params")
+    return models[best]
 
 
 def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,

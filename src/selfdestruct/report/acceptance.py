@@ -107,15 +107,21 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def value_cells(row: Row, sft: Row | None) -> list[str]:
+    """The row's utility, benign task accuracy and utility after the benign fine-tune, each with its ratio to SFT's
+    in brackets (none for SFT's own row)."""
+    ratios = row.ratios(sft) if row.defense != BASELINE_DEFENSE else (None, None, None)
+    return [f"{_fmt(v)}" + (f" ({_fmt(r, 2)})" if r is not None else "")
+            for v, r in zip((row.utility, row.task_accuracy, row.benign_utility), ratios)]
+
+
 def markdown(table: Sequence[Row]) -> str:
     """The per-seed table: each defense's numbers and its ratios to the SFT model of the same seed."""
     sft = {row.seed: row for row in table if row.defense == BASELINE_DEFENSE}
     lines = ["| seed | defense | no-win | utility (/ SFT) | benign task acc. (/ SFT) | utility after benign (/ SFT) "
              "| meets the bars |", "|---|---|---|---|---|---|---|"]
     for row in table:
-        ratios = row.ratios(sft.get(row.seed)) if row.defense != BASELINE_DEFENSE else (None, None, None)
-        cells = [f"{_fmt(v)}" + (f" ({_fmt(r, 2)})" if r is not None else "")
-                 for v, r in zip((row.utility, row.task_accuracy, row.benign_utility), ratios)]
+        cells = value_cells(row, sft.get(row.seed))
         ok = "yes" if row.passes(sft.get(row.seed)) else "**no**"
         lines.append(f"| {row.seed} | {row.defense} | {row.won}/{row.cells} | " + " | ".join(cells) + f" | {ok} |")
     lines.append("")
