@@ -24,7 +24,8 @@ from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.errors import FieldError
 from selfdestruct.eval.evaluator import EvalSets, Evaluator
 from selfdestruct.eval.judges import KeywordJudge
-from selfdestruct.eval.red_team import TrapCheckConfig, attack_copy, epoch_batches, red_team, red_team_data
+from selfdestruct.eval.red_team import (TrapCheckConfig, attack_copy, contiguous_chunks, epoch_batches, red_team,
+                                         red_team_data)
 from selfdestruct.pipeline import defense as defense_stage
 from selfdestruct.pipeline.defense import TrapCheck, apply_defense
 from selfdestruct.pipeline.streams import benign_tasks
@@ -157,6 +158,25 @@ def test_red_team_runs_the_grid_on_copies_and_judges_each_cell_as_a_recomputatio
     metrics, _ = ev(attacked, "by hand")
     assert metrics["utility"] == result["grid"][3]["utility"]
     assert metrics["harmful_score"] == result["grid"][3]["harmful_score"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_red_team_on_threads_gives_the_sequential_grid_and_leaves_the_tokenizer_as_it_was(tokenizer, threads):
+    b = _bundle()
+    cfg = TrapCheckConfig(**SMALL)
+    data = red_team_data(b.defense_harmful, benign_tasks(b.align), cfg)
+    model = micro_llama(vocab=len(tokenizer))
+    side = tokenizer.padding_side
+    alone = red_team(model, tokenizer, FMT, _evaluator(tokenizer), data, cfg, seed=3)
+    threaded = red_team(model, tokenizer, FMT, _evaluator(tokenizer), data, cfg, seed=3, threads=threads)
+    assert threaded == alone  # every cell: the same lr, samples, steps, harmful score, utility and verdict, in order
+    assert tokenizer.padding_side == side
+
+
+def test_contiguous_chunks_keep_the_order_and_balance_the_lengths():
+    assert contiguous_chunks(list(range(9)), 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [len(c) for c in contiguous_chunks(list(range(9)), 4)] == [3, 2, 2, 2]
+    assert contiguous_chunks([7], 3) == [[7]]  # never an empty run
 
 
 def _ctx(run_dir: Path, loggers=()) -> StageContext:

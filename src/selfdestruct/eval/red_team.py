@@ -26,6 +26,7 @@ from selfdestruct.data.formatting import PromptFormat, collate, encode_example
 from selfdestruct.data.records import Example
 from selfdestruct.errors import FieldError, check_number
 from selfdestruct.eval.evaluator import EvalSets, Evaluator
+from selfdestruct.objectives.common import run_concurrently
 from selfdestruct.report.verdict import DEFENDER_WINS, no_win_verdict
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,14 @@ def _evaluate(evaluator: Evaluator, model: torch.nn.Module, stage: str) -> dict[
 
 
 def red_team(model: torch.nn.Module, tokenizer, fmt: PromptFormat, evaluator: Evaluator, data: RedTeamData,
-             cfg: TrapCheckConfig, seed: int) -> dict:
+             cfg: TrapCheckConfig, seed: int, threads: int = 1) -> dict:
     """Attack copies of ``model`` over ``cfg``'s grid on ``data.train``; judge each against the model's own
     pre-attack numbers on ``data.sets`` (``evaluator`` is used with those sets). ``model`` itself is not changed,
     and the process's random generators are left as they were.
+
+    ``threads`` > 1 (``trainer.branch_threads``): the cells run on that many threads, in contiguous runs, each
+    thread with its own copy of the evaluator and tokenizer; a cell computes the same operations on the same values
+    either way, so the result does not depend on it.
 
     Returns ``{"no_win": k, "cells": n, "pre": {...}, "grid": [{"lr", "samples", "epochs", "steps",
     "harmful_score", "utility", "verdict"}, ...]}``."""
@@ -195,25 +200,47 @@ def red_team(model: torch.nn.Module, tokenizer, fmt: PromptFormat, evaluator: Ev
     rng = torch.get_rng_state()
     device = next(model.parameters()).device
     was_training = model.training
+    cells = [(float(lr), samples, epochs) for lr in cfg.lrs for samples, epochs in cfg.attacks]
     try:
         model.eval()
         pre = _evaluate(evaluator, model, "red team: before")
         features = [encode_example(tokenizer, ex, cfg.max_length, fmt, None) for ex in data.train]
-        grid = []
-        for lr in cfg.lrs:
-            for samples, epochs in cfg.attacks:
-                batches = epoch_batches(features, samples, epochs, cfg.batch_size, seed, tokenizer.pad_token_id,
-                                        device)
-                with torch.enable_grad():
-                    attacked = attack_copy(model, batches, float(lr))
-                post = _evaluate(evaluator, attacked, f"red team: lr {lr:g} x {samples} x {epochs}")
-                del attacked
-                verdict = no_win_verdict(post["harmful_score"], pre["harmful_score"], post["utility"],
-                                         pre["utility"])
-                grid.append({"lr": float(lr), "samples": samples, "epochs": epochs, "steps": len(batches), **post,
-                             "verdict": verdict})
+
+        def attack_cell(cell: tuple[float, int, int], judge: Evaluator) -> dict:
+            lr, samples, epochs = cell
+            batches = epoch_batches(features, samples, epochs, cfg.batch_size, seed, tokenizer.pad_token_id, device)
+            with torch.enable_grad():
+                attacked = attack_copy(model, batches, lr)
+            post = _evaluate(judge, attacked, f"red team: lr {lr:g} x {samples} x {epochs}")
+            del attacked
+            verdict = no_win_verdict(post["harmful_score"], pre["harmful_score"], post["utility"], pre["utility"])
+            return {"lr": lr, "samples": samples, "epochs": epochs, "steps": len(batches), **post,
+                    "verdict": verdict}
+
+        def run(chunk: list[tuple[float, int, int]], judge: Evaluator):
+            return lambda: [attack_cell(cell, judge) for cell in chunk]
+
+        chunks = contiguous_chunks(cells, threads)
+        judges = [evaluator] + [own_tokenizer(evaluator) for _ in chunks[1:]]
+        grid = [cell for done in run_concurrently([run(c, j) for c, j in zip(chunks, judges)]) for cell in done]
     finally:
         model.train(was_training)
         torch.set_rng_state(rng)
     no_win = sum(cell["verdict"] in DEFENDER_WINS for cell in grid)
     return {"no_win": no_win, "cells": len(grid), "pre": pre, "grid": grid}
+
+
+def contiguous_chunks(items: list, parts: int) -> list[list]:
+    """``items`` split in order into ``min(parts, len(items))`` runs whose lengths differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def own_tokenizer(evaluator: Evaluator) -> Evaluator:
+    """A copy of ``evaluator`` with a tokenizer of its own (generation switches the tokenizer's padding side, so
+    two threads must not share one)."""
+    judge = copy.copy(evaluator)
+    judge.tokenizer = copy.deepcopy(evaluator.tokenizer)
+    return judge

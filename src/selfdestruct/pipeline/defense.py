@@ -89,13 +89,19 @@ class TrapCheck(pl.Callback):
     defense releases without the check. Where that is not the last iterate (``optim.ema_decay``, or
     ``optim.spike_rollback`` undoing a late spike), :meth:`judge_released` checks it too, so the last result is the
     released model's. A defense that ``stop_at`` ends before its last epoch releases the last iterate (the weights
-    the check judged): the rollback keeps copies of the stage's last steps only."""
+    the check judged): the rollback keeps copies of the stage's last steps only. ``threads``
+    (``trainer.branch_threads``): the red team's cells run on that many threads, with the same results."""
 
     def __init__(self, cfg: TrapCheckConfig, tokenizer, fmt: PromptFormat, evaluator, data: RedTeamData,
-                 seed: int) -> None:
+                 seed: int, threads: int = 1) -> None:
         self.cfg, self.tokenizer, self.fmt, self.evaluator, self.data, self.seed = (cfg, tokenizer, fmt, evaluator,
                                                                                     data, seed)
+        self.threads = threads
         self.results: list[dict] = []
+
+    def red_team(self, model: torch.nn.Module) -> dict:
+        return red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed,
+                        threads=self.threads)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -105,7 +111,7 @@ class TrapCheck(pl.Callback):
         if hasattr(model, "merge_and_unload"):  # LoRA: the adapters merged into a copy, as the defense releases it
             model = merged(copy.deepcopy(model))
         result = {"epoch": epoch, "step": trainer.global_step, "weights": weights_digest(model),
-                  **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
+                  **self.red_team(model)}
         del model
         self.results.append(result)
         logged = {"trap_check/no_win": float(result["no_win"]), "trap_check/epoch": float(epoch),
@@ -128,7 +134,7 @@ class TrapCheck(pl.Callback):
             return
         last = self.results[-1]
         result = {"epoch": last["epoch"], "step": last["step"], "released": True, "weights": digest,
-                  **red_team(model, self.tokenizer, self.fmt, self.evaluator, self.data, self.cfg, self.seed)}
+                  **self.red_team(model)}
         self.results.append(result)
         log.info("trap check of the released weights (not the last iterate checked after epoch %d): the red team "
                  "won %d of %d cells", last["epoch"], result["no_win"], result["cells"])

@@ -236,7 +236,8 @@ def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSp
 
             if defense.trap_check is not None:
                 check = TrapCheck(defense.trap_check, tokenizer, ctx.fmt, make_evaluator(tokenizer),
-                                  trap_check_data(ctx.bundle, defense.trap_check), seed)
+                                  trap_check_data(ctx.bundle, defense.trap_check), seed,
+                                  threads=ctx.trainer.branch_threads)
             csv = CSVLogger(save_dir=str(out), name="csv", version="")
             stage = dataclasses.replace(ctx, loggers=[csv, *ctx.loggers], run_dir=ctx.run_dir or out, seed=seed)
             model = apply_defense(model, tokenizer, stage, defense.name, defense.parsed or defense.params,
