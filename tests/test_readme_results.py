@@ -41,6 +41,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("red-team-validation", "red_team_validation.md", "red_team_validation"),
         ("cascade-builtin", "cascade_builtin.md", "cascade_builtin"),
         ("cascade-heldout", "cascade_heldout.md", "cascade_heldout"),
+        ("cascade-never-used", "cascade_never_used.md", "cascade_never_used"),
     )},
 }
 
