@@ -75,7 +75,8 @@ def run_label(metrics: dict) -> str:
 
 def stamp(all_metrics: list[dict]) -> str:
     envs = [m.get("environment") or {} for m in all_metrics]
-    cpus = sorted({e.get("cpu", "?") for e in envs})
+    cpus = sorted({e.get("cpu", "?") + (f" ({e['cpu_capability']} kernels)" if e.get("cpu_capability") else "")
+                   for e in envs})  # the kernel path too: processors of one name differ in it
     pkgs = envs[0].get("packages", {}) if envs else {}
     versions = ", ".join(f"{name} {pkgs.get(name)}" for name in ("torch", "pytorch-lightning", "transformers")
                          if pkgs.get(name))

@@ -23,6 +23,7 @@ NOWIN = REPO / "experiments" / "nowin"
 BLOCKS = {  # test id: (the README, the generated file its block must equal, the block's marker)
     "README": (REPO / "README.md", GENERATED, "results"),
     "README-second-machine": (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
+    "README-third-machine": (REPO / "README.md", REPO / "experiments" / "results_third_machine.md", "third_machine"),
     **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
         ("selection", "selection.md", "results"),
         ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
@@ -395,3 +396,12 @@ def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_be
     if second is not None:
         assert calls[1].endswith("defense.params.radii=[0.002,0.006]")
     assert (out / "cascade.log").read_text() == f"seed 7: red team {first} of 9 for ctrap_tuned_tc; released {released}\n"
+
+
+def test_the_stamp_names_each_machine_with_its_kernel_path():
+    gen = _generator()
+    env = {"cpu": "AMD EPYC", "packages": {"torch": "2.13.0+cpu"}, "torch_threads": 1, "python": "3.11.7"}
+    text = gen.stamp([{"environment": {**env, "cpu_capability": "AVX2"}},
+                      {"environment": {**env, "cpu_capability": "AVX512"}}, {"environment": env}])
+    assert "from 3 metrics.json files; machine: AMD EPYC, AMD EPYC (AVX2 kernels), AMD EPYC (AVX512 kernels); " \
+           "torch 2.13.0+cpu; torch threads 1; Python 3.11.7." in text
