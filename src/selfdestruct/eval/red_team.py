@@ -41,8 +41,9 @@ class TrapCheckConfig:
     ``attack_grid`` sweep (lr 2e-4, 3e-4, 5e-4 x 100, 500, 1000 harmful samples, 2 epochs, batch 16) with the
     defense pool's 600 pairs, where 1000 samples x 2 epochs becomes 500 x 4 (the same 126 optimiser steps). Cost of a
     check: sum over the cells of their optimiser steps (618 by default) plus one evaluation per cell and one before,
-    about a minute for the 1.1 M-parameter model on one CPU thread; memory: one extra copy of the model (two with
-    LoRA adapters, merged into a copy first)."""
+    for the 1.1 M-parameter model on one CPU thread about a minute on an AVX-512 EPYC and 103 s on an AVX2 one, 1.86 x
+    less on two threads (``trainer.branch_threads=2``; ``benchmarks/red_team_threads.py``); memory: one extra copy of
+    the model per thread (two with LoRA adapters, merged into a copy first)."""
 
     lrs: list[float] = field(default_factory=lambda: [2e-4, 3e-4, 5e-4])
     attacks: list[list[int]] = field(default_factory=lambda: [[100, 2], [500, 2], [500, 4]])  # [samples, epochs]
