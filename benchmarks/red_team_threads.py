@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     path = args.model / "model" if (args.model / "model").is_dir() else args.model
     model, tokenizer = load_model_dir(path)
-    seed = int(read_provenance(path).get("defense_seed", 0))
+    provenance = read_provenance(path)  # the data order the trap check used: the defense seed, else the run's
+    seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
     with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="defend", overrides=["trainer.progress_bar=false"])
     bundle, fmt, check = cc.data_bundle(cfg), cc.prompt_format(cfg), TrapCheckConfig()

@@ -260,8 +260,8 @@ def _finite(x: float) -> bool:
 def run_concurrently(tasks: Sequence[Callable[[], object]]) -> list:
     """Call every task, the first in this thread and each other in a thread of its own; their results in order.
 
-    For independent branches of one step (CTRAP's radii): each branch runs the same operations on the same values
-    as it would alone, so what it computes does not depend on the concurrency. Waits for every task; the first
+    For independent branches (CTRAP's radii within one step, the red team's cells): each branch runs the same
+    operations on the same values as it would alone, so what it computes does not depend on the concurrency. Waits for every task; the first
     exception (in task order) is raised after all have finished."""
     if len(tasks) <= 1:
         return [task() for task in tasks]
