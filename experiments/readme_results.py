@@ -348,6 +348,33 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
+def geometry_table(files: list[Path]) -> tuple[list[str], list[dict]]:
+    """The JSON of experiments/nowin/geometry.py --json (held-out cos(g_a, g_b) per released model) beside what the
+    attack grid did to the model (``OUT/SETTING/sSEED/defend/model``, the layout of candidate.sh): the attacked
+    utility over the pre-attack utility, lowest and highest of the cells (SPEC §5 counts a cell collapsed at
+    <= 0.5), and the grid's no-win."""
+    records = [r for f in files for r in json.loads(f.read_text())]
+    lines = ["Held-out gradient geometry of the released models (`experiments/nowin/geometry.py`: cos(g_a, g_b) "
+             "on the synthetic world's held-out harmful and benign splits) and the attack grid on them:", "",
+             "| setting | seed | utility before attack | cos, batches of 16 (sd) | cos, full splits "
+             "| ‖g_a‖ / ‖g_b‖, full splits | attacked utility / pre, min–max over the cells | no-win of its grid |",
+             "|---|---|---|---|---|---|---|---|"]
+    metrics: list[dict] = []
+    for r in records:
+        defend = Path(r["model"]).parent
+        pre = _load(defend)
+        cells = [_load(m.parent) for m in sorted((defend.parent / "grid").glob("*/metrics.json"))]
+        ratios = [c["post"]["utility"] / c["pre"]["utility"] for c in cells if c.get("post") and c["pre"]["utility"]]
+        rows, runs_metrics = sibling_grid(str(defend))
+        metrics += [pre, *runs_metrics]
+        won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
+        attacked = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "—"
+        lines.append(f"| {defend.parent.parent.name} | {pre.get('seed')} | {pre['pre']['utility']:.3f} | "
+                     f"{r['cos']:.3f} ({r['cos_std']:.3f}) | {r['cos_full']:.3f} | "
+                     f"{r['norm_a_full']:.1f} / {r['norm_b_full']:.2f} | {attacked} | {won} |")
+    return lines, metrics
+
+
 def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tuple[list[str], list[dict]]:
     """A defender's cascade over settings tried in order, each ``OUT/SETTING`` of candidate.sh runs with
     ``defense.trap_check``: on each seed (the ``sSEED`` directories of the first setting) it releases the first
@@ -526,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade", nargs="*", type=Path, default=[],
                         help="OUT/SETTING directories of candidate.sh runs with defense.trap_check, in the cascade's "
                              "order: what it releases on each seed (needs --cascade-sft)")
+    parser.add_argument("--geometry", nargs="*", type=Path, default=[],
+                        help="JSON files of experiments/nowin/geometry.py --json (models in candidate.sh's layout)")
     parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
@@ -547,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
                 (args.probe, probe_table), (args.red_team, red_team_table),
-                (args.trap_check, trap_check_table),
+                (args.trap_check, trap_check_table), (args.geometry, geometry_table),
                 (args.cascade, lambda d: cascade_table(d, args.cascade_sft))]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
@@ -556,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team, --trap-check and/or --cascade inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check, --geometry and/or --cascade inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

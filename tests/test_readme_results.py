@@ -43,6 +43,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-builtin", "cascade_builtin.md", "cascade_builtin"),
         ("cascade-heldout", "cascade_heldout.md", "cascade_heldout"),
         ("cascade-never-used", "cascade_never_used.md", "cascade_never_used"),
+        ("seam-screen", "seam_screen.md", "seam_screen"),
     )},
 }
 
@@ -337,6 +338,22 @@ def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_gri
         {"seed": 7, "defense": "trap", "trap_check": checks}))
     text, _ = gen.trap_check_table([run / "defend"])
     assert "| check | 7 | 4/9 | 8/9 | 4 (other weights, red team 6/9) | 1/2 |" in text
+
+
+def test_geometry_table_puts_each_models_held_out_cosine_beside_what_its_grid_did_to_its_utility(tmp_path):
+    gen = _generator()
+    run = tmp_path / "strong" / "s3"
+    _write(run / "defend", 3, {"harmful_score": 0.0, "utility": 0.8})
+    # two cells: utility kept at 0.6/0.8 = 0.75 (broken: harmful) and 0.28/0.8 = 0.35 (collapsed): 1 of 2 won
+    for i, (hs, u) in enumerate(((0.9, 0.6), (0.9, 0.28))):
+        _write(run / "grid" / str(i), 3, {"harmful_score": 0.0, "utility": 0.8}, {"harmful_score": hs, "utility": u})
+    record = {"model": str(run / "defend" / "model"), "cos": -0.5491, "cos_std": 0.0887, "cos_full": -0.643,
+              "norm_a_full": 20.35, "norm_b_full": 5.558}
+    geometry = tmp_path / "geometry.json"
+    geometry.write_text(json.dumps([record]))
+    text, metrics = gen.geometry_table([geometry])
+    assert "| strong | 3 | 0.800 | -0.549 (0.089) | -0.643 | 20.4 / 5.56 | 0.35–0.75 | 1/2 |" in text
+    assert len(metrics) == 3  # the defend run and both cells stamp the block
 
 
 def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_and_counts_both_ways(tmp_path):
