@@ -553,9 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade", nargs="*", type=Path, default=[],
                         help="OUT/SETTING directories of candidate.sh runs with defense.trap_check, in the cascade's "
                              "order: what it releases on each seed (needs --cascade-sft)")
+    parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
     parser.add_argument("--geometry", nargs="*", type=Path, default=[],
                         help="JSON files of experiments/nowin/geometry.py --json (models in candidate.sh's layout)")
-    parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
