@@ -254,7 +254,8 @@ def attack_order_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
 
 def sibling_grid(defend_run: str) -> tuple[list, list[dict]]:
     """The acceptance rows (no-win per defense) of the attack grid beside a defend run (``RUN/../grid``, the layout
-    of experiments/nowin/candidate.sh) and its runs' environments; nothing when there is no such grid."""
+    of experiments/nowin/candidate.sh) and its runs' environments and pre/post metrics; nothing when there is no
+    such grid."""
     from selfdestruct.report import acceptance, build_report, collect
 
     grid = Path(defend_run).parent / "grid"
@@ -262,7 +263,7 @@ def sibling_grid(defend_run: str) -> tuple[list, list[dict]]:
         return [], []
     runs = collect([grid])
     return (acceptance.rows(build_report([grid], runs)),
-            [{"environment": run.environment} for run in runs if run.status == "ok"])
+            [{"environment": run.environment, "pre": run.pre, "post": run.post} for run in runs if run.status == "ok"])
 
 
 def probe_table(files: list[Path]) -> tuple[list[str], list[dict]]:
@@ -356,16 +357,16 @@ def geometry_table(files: list[Path]) -> tuple[list[str], list[dict]]:
     records = [r for f in files for r in json.loads(f.read_text())]
     lines = ["Held-out gradient geometry of the released models (`experiments/nowin/geometry.py`: cos(g_a, g_b) "
              "on the synthetic world's held-out harmful and benign splits) and the attack grid on them:", "",
-             "| setting | seed | utility before attack | cos, batches of 16 (sd) | cos, full splits "
-             "| ‖g_a‖ / ‖g_b‖, full splits | attacked utility / pre, min–max over the cells | no-win of its grid |",
+             "| setting | seed | utility before attack | cos, batches of 16 (sd) | cos, full splits | ‖g_a‖ / ‖g_b‖, "
+             "full splits | attacked utility / pre, min–max over the cells | no-win of its grid |",
              "|---|---|---|---|---|---|---|---|"]
     metrics: list[dict] = []
     for r in records:
         defend = Path(r["model"]).parent
         pre = _load(defend)
-        cells = [_load(m.parent) for m in sorted((defend.parent / "grid").glob("*/metrics.json"))]
-        ratios = [c["post"]["utility"] / c["pre"]["utility"] for c in cells if c.get("post") and c["pre"]["utility"]]
         rows, runs_metrics = sibling_grid(str(defend))
+        ratios = [c["post"]["utility"] / c["pre"]["utility"] for c in runs_metrics
+                  if c["post"] and c["pre"].get("utility")]
         metrics += [pre, *runs_metrics]
         won = ", ".join(f"{row.won}/{row.cells}" for row in rows) or "—"
         attacked = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "—"

@@ -261,8 +261,8 @@ def run_concurrently(tasks: Sequence[Callable[[], object]]) -> list:
     """Call every task, the first in this thread and each other in a thread of its own; their results in order.
 
     For independent branches (CTRAP's radii within one step, the red team's cells): each branch runs the same
-    operations on the same values as it would alone, so what it computes does not depend on the concurrency. Waits for every task; the first
-    exception (in task order) is raised after all have finished."""
+    operations on the same values as it would alone, so what it computes does not depend on the concurrency. Waits
+    for every task; the first exception (in task order) is raised after all have finished."""
     if len(tasks) <= 1:
         return [task() for task in tasks]
     with ThreadPoolExecutor(max_workers=len(tasks) - 1, thread_name_prefix="branch") as pool:
