@@ -7,7 +7,8 @@
 #    environment with a fresh cache (OUT/cache), and in the environment running this script (the locked one) with
 #    LOCK_CACHE (default OUT/lock_cache; a cache that already holds the stage makes that run a few cache hits);
 # 4. the two stages' weights compared byte for byte, and the aligned model's evaluation.
-# Writes OUT/report.md. About 10 CPU-minutes per environment that trains (1.1 M-parameter model, one thread).
+# Prints the comparison (experiments/lock_vs_newest.py; readme_results.py --lock-vs-newest OUT makes it a generated
+# block). About 10 CPU-minutes per environment that trains (1.1 M-parameter model, one thread).
 set -euo pipefail
 out=$(realpath -m "${1:?output directory}"); seed=${2:-0}; lock_cache=$(realpath -m "${3:-$out/lock_cache}")
 cd "$(dirname "$0")/.."
@@ -28,33 +29,4 @@ stage() {  # stage NAME PYTHON CACHE: the SFT stage of $seed; its log names the 
 stage lock python "$lock_cache"
 stage newest "$out/venv/bin/python" "$out/cache"
 
-python - "$out" <<'EOF'
-import filecmp, json, platform, re, sys
-from pathlib import Path
-
-out = Path(sys.argv[1])
-def versions(name):
-    return dict(line.split("==", 1) for line in (out / name).read_text().split() if "==" in line)
-lock, newest = versions("lock.txt"), versions("newest.txt")
-changed = [f"{p} {lock.get(p, '—')} → {newest.get(p, '—')}" for p in sorted(set(lock) | set(newest))
-           if lock.get(p) != newest.get(p)]
-def entries(run):  # stage name -> the cache entry the run built or hit
-    log = (out / f"{run}.log").read_text()
-    return dict(re.findall(r"(?:building|cache hit:) (base|align)(?: into)? (\S+)", log))
-lock_dirs, new_dirs = entries("lock"), entries("newest")
-lines = [f"# The lock against the newest versions (seed {json.loads((out / 'lock' / 'metrics.json').read_text())['seed']})",
-         "", f"Packages whose version differs from requirements/lock.txt: {', '.join(changed) or 'none'}.", ""]
-for stage in ("base", "align"):
-    same = filecmp.cmp(Path(lock_dirs[stage]) / "model" / "model.safetensors",
-                       Path(new_dirs[stage]) / "model" / "model.safetensors", shallow=False)
-    lines.append(f"- {stage} weights: {'byte for byte the same' if same else 'DIFFERENT'}")
-aligned = [json.loads((out / run / "metrics.json").read_text())["aligned"] for run in ("lock", "newest")]
-moved = {k: (aligned[0][k], aligned[1].get(k)) for k in aligned[0] if aligned[0][k] != aligned[1].get(k)}
-lines.append("- aligned model's evaluation: " + ("the same in every metric" if not moved else
-             "; ".join(f"{k} {a} → {b}" for k, a, b in ((k, *v) for k, v in moved.items()))))
-env = json.loads((out / "newest" / "metrics.json").read_text()).get("environment", {})
-lines += ["", f"Machine: {env.get('cpu', platform.processor())} ({env.get('cpu_capability', '?')} kernels); "
-          f"Python {platform.python_version()}; one torch thread."]
-(out / "report.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+python experiments/lock_vs_newest.py "$out"

@@ -431,6 +431,20 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 
+def lock_table(outs: list[Path]) -> tuple[list[str], list[dict]]:
+    """The output directories of experiments/lock_vs_newest.sh: the lock against the newest versions, each."""
+    spec = importlib.util.spec_from_file_location("lock_vs_newest", Path(__file__).with_name("lock_vs_newest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines: list[str] = []
+    metrics: list[dict] = []
+    for out in outs:
+        text, runs = module.comparison(out)
+        lines += text + [""]
+        metrics += runs
+    return lines[:-1], metrics
+
+
 def search_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     """The worst attack ``sweep=attack_search`` found against each defense, and how many trials broke it."""
     from selfdestruct.report import collect
@@ -557,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
     parser.add_argument("--geometry", nargs="*", type=Path, default=[],
                         help="JSON files of experiments/nowin/geometry.py --json (models in candidate.sh's layout)")
+    parser.add_argument("--lock-vs-newest", nargs="*", type=Path, default=[],
+                        help="output directories of experiments/lock_vs_newest.sh")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
                         help="quickstart output directories whose quickstart.json wall time is quoted, or logs of "
                              "quickstart.py (its 'quickstart wall time: N s' line)")
@@ -578,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
                 (args.probe, probe_table), (args.red_team, red_team_table),
                 (args.trap_check, trap_check_table), (args.geometry, geometry_table),
-                (args.cascade, lambda d: cascade_table(d, args.cascade_sft))]
+                (args.cascade, lambda d: cascade_table(d, args.cascade_sft)), (args.lock_vs_newest, lock_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -586,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team, --trap-check, --geometry and/or --cascade inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade and/or --lock-vs-newest "
+                     "inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

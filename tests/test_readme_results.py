@@ -422,3 +422,38 @@ def test_the_stamp_names_each_machine_with_its_kernel_path():
                       {"environment": {**env, "cpu_capability": "AVX512"}}, {"environment": env}])
     assert "from 3 metrics.json files; machine: AMD EPYC, AMD EPYC (AVX2 kernels), AMD EPYC (AVX512 kernels); " \
            "torch 2.13.0+cpu; torch threads 1; Python 3.11.7." in text
+
+
+def _lock_run(out: Path, run: str, weights: dict[str, bytes], aligned: dict, built: bool) -> None:
+    """One SFT-stage run of experiments/lock_vs_newest.sh: its metrics.json, its log and the cache entries it names."""
+    log = []
+    for stage, data in weights.items():
+        entry = out / f"{run}_cache" / stage / "0123"
+        (entry / "model").mkdir(parents=True)
+        (entry / "model" / "model.safetensors").write_bytes(data)
+        log.append(f"[INFO] - building {stage} into {entry}" if built else f"[INFO] - cache hit: {stage} {entry}")
+    (out / f"{run}.log").write_text("\n".join(log) + "\n")
+    (out / run).mkdir()
+    (out / run / "metrics.json").write_text(json.dumps({"seed": 0, "aligned": aligned, "environment": {
+        "cpu": "Test CPU", "cpu_capability": "AVX2", "torch_threads": 1, "python": "3.11.7",
+        "packages": {"torch": "2.13.0+cpu"}}}))
+
+
+def test_lock_vs_newest_names_the_changed_packages_and_compares_the_weights_byte_for_byte(tmp_path):
+    gen = _generator()
+    (tmp_path / "lock.txt").write_text("numpy==2.0.0\nplatformdirs==4.14.8\ntorch==2.13.0\n")
+    (tmp_path / "newest.txt").write_text("newpkg==1.0\nnumpy==2.0.0\nplatformdirs==4.14.9\ntorch==2.13.0\n")
+    _lock_run(tmp_path, "lock", {"base": b"B" * 64, "align": b"A" * 64}, {"utility": 0.9, "harmful_score": 0.0},
+              built=False)
+    _lock_run(tmp_path, "newest", {"base": b"B" * 64, "align": b"A" * 63 + b"a"},
+              {"utility": 0.875, "harmful_score": 0.0}, built=True)
+    lines, metrics = gen.lock_table([tmp_path])
+    text = "\n".join(lines)
+    assert "newpkg — → 1.0, platformdirs 4.14.8 → 4.14.9" in text and "numpy" not in text
+    assert "- base weights: byte for byte the same" in lines
+    assert "- align weights: **different**" in lines  # one byte of 64 differs
+    assert "- the aligned model's evaluation: utility 0.9 → 0.875" in lines
+    assert len(metrics) == 2
+    (tmp_path / "newest.log").write_text("[INFO] - building base into /x\n")  # the align entry is not named
+    with pytest.raises(SystemExit, match="align"):
+        gen.lock_table([tmp_path])
