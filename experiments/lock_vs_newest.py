@@ -45,8 +45,8 @@ def comparison(out: Path) -> tuple[list[str], list[dict]]:
         if missing:
             raise SystemExit(f"error: {out / f'{run}.log'}: no cache entry named for {', '.join(missing)}")
     changed = changed_packages(versions(out / "lock.txt"), versions(out / "newest.txt"))
-    lines = [f"The lock against the newest versions `setup.cfg` allowed on {resolved_on(out)} "
-             f"(`bash experiments/lock_vs_newest.sh`; the SFT stage of seed {metrics['lock']['seed']}, pre-training "
+    lines = [f"The lock against the newest versions `setup.cfg` allows (that environment frozen on {frozen_on(out)}; "
+             f"`bash experiments/lock_vs_newest.sh`; the SFT stage of seed {metrics['lock']['seed']}, pre-training "
              "and alignment, one torch thread, in each environment):", "",
              f"- packages whose version differs from `requirements/lock.txt`: {', '.join(changed) or 'none'}"]
     for stage in STAGES:
@@ -59,8 +59,8 @@ def comparison(out: Path) -> tuple[list[str], list[dict]]:
     return lines, list(metrics.values())
 
 
-def resolved_on(out: Path) -> str:
-    """The UTC date on which newest.txt (the newest environment's freeze) was written."""
+def frozen_on(out: Path) -> str:
+    """The UTC date on which newest.txt (the newest environment's ``pip freeze``) was written."""
     return datetime.fromtimestamp((out / "newest.txt").stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
 
 
