@@ -45,6 +45,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-heldout", "cascade_heldout.md", "cascade_heldout"),
         ("cascade-never-used", "cascade_never_used.md", "cascade_never_used"),
         ("seam-screen", "seam_screen.md", "seam_screen"),
+        ("cascade-heldout-avx2", "cascade_heldout_avx2.md", "cascade_heldout_avx2"),
     )},
 }
 
