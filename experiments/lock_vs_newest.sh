@@ -7,8 +7,9 @@
 #    environment with a fresh cache (OUT/cache), and in the environment running this script (the locked one) with
 #    LOCK_CACHE (default OUT/lock_cache; a cache that already holds the stage makes that run a few cache hits);
 # 4. the two stages' weights compared byte for byte, and the aligned model's evaluation.
+# The two stages run side by side (two cores; about 10 CPU-minutes each for the 1.1 M-parameter model, one thread).
 # Prints the comparison (experiments/lock_vs_newest.py; readme_results.py --lock-vs-newest OUT makes it a generated
-# block). About 10 CPU-minutes per environment that trains (1.1 M-parameter model, one thread).
+# block).
 set -euo pipefail
 out=$(realpath -m "${1:?output directory}"); seed=${2:-0}; lock_cache=$(realpath -m "${3:-$out/lock_cache}")
 cd "$(dirname "$0")/.."
@@ -26,7 +27,9 @@ stage() {  # stage NAME PYTHON CACHE: the SFT stage of $seed; its log names the 
   env OMP_NUM_THREADS=1 WANDB_MODE=disabled SELFDESTRUCT_CACHE="$3" "$2" -m selfdestruct.defend defense=sft \
     seed="$seed" trainer.progress_bar=false hydra.run.dir="$out/$1" > "$out/$1.log" 2>&1
 }
-stage lock python "$lock_cache"
-stage newest "$out/venv/bin/python" "$out/cache"
+stage lock python "$lock_cache" & lock=$!              # the two environments side by side, one thread each
+stage newest "$out/venv/bin/python" "$out/cache" & newest=$!
+wait "$lock" || { echo "the locked environment's stage failed: $out/lock.log" >&2; exit 1; }
+wait "$newest" || { echo "the newest environment's stage failed: $out/newest.log" >&2; exit 1; }
 
 python experiments/lock_vs_newest.py "$out"
