@@ -45,9 +45,10 @@ def comparison(out: Path) -> tuple[list[str], list[dict]]:
         if missing:
             raise SystemExit(f"error: {out / f'{run}.log'}: no cache entry named for {', '.join(missing)}")
     changed = changed_packages(versions(out / "lock.txt"), versions(out / "newest.txt"))
+    threads = ", ".join(sorted({str(m.get("environment", {}).get("torch_threads", "?")) for m in metrics.values()}))
     lines = [f"The lock against the newest versions `setup.cfg` allows (that environment frozen on {frozen_on(out)}; "
              f"`bash experiments/lock_vs_newest.sh`; the SFT stage of seed {metrics['lock']['seed']}, pre-training "
-             "and alignment, one torch thread, in each environment):", "",
+             f"and alignment, in each environment; torch threads {threads}):", "",
              f"- packages whose version differs from `requirements/lock.txt`: {', '.join(changed) or 'none'}"]
     for stage in STAGES:
         same = filecmp.cmp(*(entries[run][stage] / "model" / "model.safetensors" for run in RUNS), shallow=False)

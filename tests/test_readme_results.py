@@ -452,6 +452,7 @@ def test_lock_vs_newest_names_the_changed_packages_and_compares_the_weights_byte
     lines, metrics = gen.lock_table([tmp_path])
     text = "\n".join(lines)
     assert "newpkg — → 1.0, platformdirs 4.14.8 → 4.14.9" in text and "numpy" not in text
+    assert "the SFT stage of seed 0, pre-training and alignment, in each environment; torch threads 1)" in text
     assert "- base weights: byte for byte the same" in lines
     assert "- align weights: **different**" in lines  # one byte of 64 differs
     assert "- the aligned model's evaluation: utility 0.9 → 0.875" in lines
