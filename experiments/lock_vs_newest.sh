@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9, item 2(c): do the results move between the lock and the newest versions setup.cfg allows today?
 #   bash experiments/lock_vs_newest.sh OUT [SEED] [LOCK_CACHE]
-# 1. OUT/venv: a fresh virtual environment resolved as requirements/refresh-lock.sh resolves it (reused if present);
+# 1. OUT/venv: a fresh virtual environment resolved and frozen by requirements/refresh-lock.sh (reused if present);
 # 2. the packages whose versions differ from requirements/lock.txt;
 # 3. the SFT stage of SEED (pre-training and alignment, `selfdestruct.defend defense=sft`, one torch thread) in that
 #    environment with a fresh cache (OUT/cache), and in the environment running this script (the locked one) with
@@ -14,18 +14,13 @@ set -euo pipefail
 out=$(realpath -m "${1:?output directory}"); seed=${2:-0}; lock_cache=$(realpath -m "${3:-$out/lock_cache}")
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-if [ ! -x "$out/venv/bin/python" ]; then
-  python -m venv "$out/venv"
-  "$out/venv/bin/pip" install -q --upgrade pip
-  "$out/venv/bin/pip" install -q torch==2.13.0          # the CPU wheel; an unpinned torch pulls a CUDA build
-  "$out/venv/bin/pip" install -q -e ".[test]"
-fi
-"$out/venv/bin/pip" freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$/\1/' | sort > "$out/newest.txt"
-grep -v '^#' requirements/lock.txt | sort > "$out/lock.txt"
+bash requirements/refresh-lock.sh "$out/newest.txt" "$out/venv"   # the newest set, frozen as a lock would be
+cp requirements/lock.txt "$out/lock.txt"
 
 stage() {  # stage NAME PYTHON CACHE: the SFT stage of $seed; its log names the cache entries it built or hit
+  # (force=true: a rerun into the same OUT measures again, from the caches, instead of skipping the finished run)
   env OMP_NUM_THREADS=1 WANDB_MODE=disabled SELFDESTRUCT_CACHE="$3" "$2" -m selfdestruct.defend defense=sft \
-    seed="$seed" trainer.progress_bar=false hydra.run.dir="$out/$1" > "$out/$1.log" 2>&1
+    seed="$seed" force=true trainer.progress_bar=false hydra.run.dir="$out/$1" > "$out/$1.log" 2>&1
 }
 stage lock python "$lock_cache" & lock=$!              # the two environments side by side, one thread each
 stage newest "$out/venv/bin/python" "$out/cache" & newest=$!

@@ -175,12 +175,19 @@ def _tree_metrics(root: Path) -> tuple[list[dict], str]:
     return metrics, ", ".join(map(str, seeds))
 
 
+def _script(relative: str):
+    """Another script of experiments/ (not a package), loaded as a module by its path under this folder."""
+    path = Path(__file__).parent / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def recipe_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
     """The published-vs-full CTRAP comparison of ``experiments/nowin/ctrap_recipe.py`` over its output tree."""
     root = _one_tree(dirs, "--recipe takes one ctrap_recipe.py output directory")
-    spec = importlib.util.spec_from_file_location("ctrap_recipe", Path(__file__).parent / "nowin" / "ctrap_recipe.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = _script("nowin/ctrap_recipe.py")
     table, _ = recipe.build_table(root, [recipe.label(d, None) for d in recipe.DEFENSES])
     metrics, seeds = _tree_metrics(root)
     lines = [f"`python experiments/nowin/ctrap_recipe.py`, seeds {seeds}:", "", table.rstrip()]
@@ -433,9 +440,7 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
 
 def lock_table(outs: list[Path]) -> tuple[list[str], list[dict]]:
     """The output directories of experiments/lock_vs_newest.sh: the lock against the newest versions, each."""
-    spec = importlib.util.spec_from_file_location("lock_vs_newest", Path(__file__).with_name("lock_vs_newest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("lock_vs_newest.py")
     lines: list[str] = []
     metrics: list[dict] = []
     for out in outs:
@@ -602,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade and/or --lock-vs-newest "
-                     "inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade and/or "
+                     "--lock-vs-newest inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]
