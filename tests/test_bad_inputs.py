@@ -14,8 +14,8 @@ import sys
 import pytest
 from helpers import compose_config
 
-from selfdestruct import attack as attack_entry
-from selfdestruct import defend as defend_entry
+from selfdestruct.commands import attack as attack_entry
+from selfdestruct.commands import defend as defend_entry
 from selfdestruct.utils.job import run_job
 
 # (overrides, the text the one-line error must contain)

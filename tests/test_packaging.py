@@ -69,3 +69,24 @@ def test_help_lists_the_config_groups_from_any_directory(tmp_path):
     assert set(groups) >= {"defense", "attack", "model", "sweep", "trainer", "intensity"}
     defenses = {p.stem for p in (Path(CONF_DIR) / "defense").glob("*.yaml")}
     assert set(groups["defense"].split(", ")) == defenses
+
+
+HEAVY = ("torch", "pytorch_lightning", "transformers", "torchmetrics")
+
+
+@pytest.mark.parametrize("entry", ["attack", "defend", "evaluate"])
+def test_entry_points_compose_the_config_before_importing_torch(entry, tmp_path):
+    """``--cfg job`` (and so ``--help`` and a mistyped key, which Hydra answers at the same point) imports none of
+    torch, Lightning, transformers or torchmetrics: the entry module is light and the work is imported
+    after composition (every test that runs a job goes through ``selfdestruct.commands``)."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['{entry}', '--cfg', 'job']\n"
+             "try:\n"
+             f"    runpy.run_module('selfdestruct.{entry}', run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                         cwd=tmp_path).stdout
+    assert "seed:" in out  # the composed config was printed
+    assert out.splitlines()[-1] == "HEAVY []"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from helpers import compose_config, config_options
 from conftest import SMOKE_OVERRIDES
-from selfdestruct.attack import attack
-from selfdestruct.defend import defend
+from selfdestruct.commands.attack import attack
+from selfdestruct.commands.defend import defend
 
 DEFEND_GROUPS = ("paths", "data", "model", "pretrain", "align", "defense", "trainer", "logger", "eval")
 ATTACK_GROUPS = ("intensity", "attack")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import compose_config, config_options
-from selfdestruct.attack import attack
-from selfdestruct.defend import defend
+from selfdestruct.commands.attack import attack
+from selfdestruct.commands.defend import defend
 
 PAPER_EXPERIMENTS = [name for name in config_options("experiment") if name.startswith(("seam_", "ctrap_"))]
 

@@ -257,7 +257,7 @@ def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_mode
     from helpers import compose_config
 
     from selfdestruct import cli_common as cc
-    from selfdestruct.defend import defend
+    from selfdestruct.commands.defend import defend
     from selfdestruct.models.io import read_provenance
 
     check = "{from_epoch:1,lrs:[1e-3],attacks:[[4,1],[8,1]],batch_size:4,num_eval_harmful:4,num_eval_benign:8}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import compose_config
 
-from selfdestruct.defend import defend
+from selfdestruct.commands.defend import defend
 
 REPO = Path(__file__).resolve().parents[1]
 

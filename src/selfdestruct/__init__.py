@@ -9,9 +9,14 @@ Values already set in the environment win.
 """
 
 import os as _os
+from pathlib import Path as _Path
 
 if _os.environ.get("SELFDESTRUCT_REPRODUCIBLE", "").lower() in ("1", "true", "yes"):
     _os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
     _os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 __version__ = "0.1.0"
+
+# The Hydra config tree ships inside the package (``conf/`` at the repository root links here), so a non-editable
+# install runs every entry point from any directory.
+CONF_DIR = str(_Path(__file__).resolve().parent / "conf")

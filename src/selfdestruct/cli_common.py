@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from selfdestruct import CONF_DIR  # noqa: F401  (re-exported: the experiments and tests import it from here)
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
@@ -32,9 +33,6 @@ from selfdestruct.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
 
-# The Hydra config tree ships inside the package (``conf/`` at the repository root links here), so a
-# non-editable install runs every entry point from any directory.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):

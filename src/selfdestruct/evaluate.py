@@ -1,43 +1,23 @@
-"""``python -m selfdestruct.evaluate model_path=DIR``: the evaluation of SPEC §5 on one model, nothing else."""
+"""``python -m selfdestruct.evaluate model_path=DIR``: the evaluation of SPEC §5 on one model, nothing else.
+
+The entry point only, light on purpose: Hydra composes and checks the config first, so ``--help``, ``--cfg job``
+and a mistyped key answer in about a second; torch, Lightning and transformers are imported after that, with the
+work in :mod:`selfdestruct.commands.evaluate`.
+"""
 
 from __future__ import annotations
 
-import logging
-
 import hydra
-import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from selfdestruct import cli_common as cc
-from selfdestruct.errors import UserError
-from selfdestruct.models.io import load_model_dir, read_provenance
-from selfdestruct.utils.io import write_json_atomic
-from selfdestruct.utils.job import hydra_output_dir, run_job
-from selfdestruct.utils.provenance import environment
-from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
-
-log = logging.getLogger("selfdestruct.evaluate")
+from selfdestruct import CONF_DIR
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    if OmegaConf.is_missing(cfg, "model_path"):
-        raise UserError("model_path is required: give model_path=DIR, a model directory")
-    run_dir = hydra_output_dir()
-    bundle = cc.data_bundle(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    model, tokenizer = load_model_dir(cfg.model_path, key="model_path", options=cc.load_options(cfg))
-    pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "evaluate")
-    provenance = read_provenance(cfg.model_path)
-    write_json_atomic(run_dir / "samples.json", {"pre": samples})
-    metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre,
-                         model_path=str(cfg.model_path), environment=environment()).write(run_dir)
-    log.info("metrics: %s", run_dir / METRICS_FILE)
-    return metrics
-
-
-@hydra.main(version_base="1.3", config_path=cc.CONF_DIR, config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_job(lambda: evaluate(cfg), hydra_output_dir())
+    from selfdestruct.commands.evaluate import run
+
+    run(cfg)
 
 
 if __name__ == "__main__":

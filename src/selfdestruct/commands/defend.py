@@ -1,0 +1,60 @@
+"""The work of ``python -m selfdestruct.defend``: base model → safety alignment → defense; writes model/ and
+metrics.json."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from selfdestruct import cli_common as cc
+from selfdestruct.models.io import load_model_dir, read_provenance
+from selfdestruct.models.tiny import count_parameters
+from selfdestruct.utils.io import publish_dir, staging_dir, write_json_atomic
+from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
+from selfdestruct.utils.loggers import log_summary
+from selfdestruct.utils.provenance import environment
+from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
+
+log = logging.getLogger("selfdestruct.defend")
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    tmp = staging_dir(dst)
+    shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    publish_dir(tmp, dst)
+
+
+def defend(cfg: DictConfig) -> dict:
+    run_dir = hydra_output_dir()
+    done = complete_metrics(run_dir, ("defense", "pre"))
+    if done is not None and not cfg.force:
+        log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
+        return done
+    cc.check_launch(cfg)
+    spec = cc.check_stages(cfg)  # every config group checked before any work
+    bundle = cc.data_bundle(cfg)
+    loggers = cc.job_loggers(cfg, run_dir)
+    defended = cc.defended_dir(cfg, bundle, loggers, run_dir, spec)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model, tokenizer = load_model_dir(defended, key="defended model")
+    pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "defended")
+    _copy_model(defended, run_dir / "model")
+    log_summary(loggers, {f"defend/{k}": v for k, v in pre.items()})
+    write_json_atomic(run_dir / "samples.json", {"pre": samples})
+    provenance = read_provenance(defended)
+    metrics = RunMetrics(defense=provenance.get("defense", cfg.defense.name), seed=int(cfg.seed), pre=pre,
+                         aligned=provenance.get("aligned_metrics", {}), num_parameters=count_parameters(model),
+                         model_path=str(run_dir / "model"), overrides=identity_overrides(),
+                         environment=environment()).write(run_dir)
+    log.info("defended model: %s", run_dir / "model")
+    log.info("metrics: %s", run_dir / METRICS_FILE)
+    return metrics
+
+
+def run(cfg: DictConfig) -> None:
+    run_job(lambda: defend(cfg), hydra_output_dir())
