@@ -65,7 +65,9 @@ def test_help_lists_the_config_groups_from_any_directory(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "selfdestruct.defend", "--help"], check=True, capture_output=True,
                          text=True, cwd=tmp_path, env=env).stdout
-    groups = dict(line.split(": ", 1) for line in out.split("== Config ==")[0].splitlines() if ": " in line)
+    header, listing = out.split("== Configuration groups ==")
+    assert header.startswith("python -m selfdestruct.defend: ") and "defense=ctrap_tuned" in header  # the usage
+    groups = dict(line.split(": ", 1) for line in listing.split("== Config ==")[0].splitlines() if ": " in line)
     assert set(groups) >= {"defense", "attack", "model", "sweep", "trainer", "intensity"}
     defenses = {p.stem for p in (Path(CONF_DIR) / "defense").glob("*.yaml")}
     assert set(groups["defense"].split(", ")) == defenses
