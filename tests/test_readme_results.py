@@ -46,6 +46,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-never-used", "cascade_never_used.md", "cascade_never_used"),
         ("seam-screen", "seam_screen.md", "seam_screen"),
         ("cascade-heldout-avx2", "cascade_heldout_avx2.md", "cascade_heldout_avx2"),
+        ("avx2-seeds-20-22", "avx2_seeds_20_22.md", "avx2_seeds_20_22"),
     )},
 }
 
