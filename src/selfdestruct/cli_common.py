@@ -34,7 +34,6 @@ from selfdestruct.utils.loggers import build_loggers
 log = logging.getLogger(__name__)
 
 
-
 def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
     """Build ``cls`` from a config node; an unknown field is an error naming ``key.field``."""
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
