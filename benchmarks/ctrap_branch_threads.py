@@ -22,7 +22,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from selfdestruct.cli_common import CONF_DIR
+from selfdestruct import CONF_DIR
 from selfdestruct.objectives.ctrap import ctrap_step, make_replicas
 from selfdestruct.pipeline.defense import parse_params
 

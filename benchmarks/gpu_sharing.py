@@ -65,7 +65,7 @@ def architecture(model: str) -> dict:
 
     import yaml
 
-    from selfdestruct.cli_common import CONF_DIR
+    from selfdestruct import CONF_DIR
     from selfdestruct.models.tiny import TinyLlamaConfig
 
     data = yaml.safe_load((Path(CONF_DIR) / "model" / f"{model}.yaml").read_text())

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from selfdestruct import CONF_DIR, cli_config
 from selfdestruct import cli_common as cc
 from selfdestruct.eval.red_team import TrapCheckConfig, red_team
 from selfdestruct.models.io import load_model_dir, read_provenance
@@ -40,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model_dir(path)
     provenance = read_provenance(path)  # the data order the trap check used: the defense seed, else the run's
     seed = int(provenance.get("defense_seed", provenance.get("seed", 0)))
-    with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="defend", overrides=["trainer.progress_bar=false"])
-    bundle, fmt, check = cc.data_bundle(cfg), cc.prompt_format(cfg), TrapCheckConfig()
+    bundle, fmt, check = cli_config.data_bundle(cfg), cli_config.prompt_format(cfg), TrapCheckConfig()
     data = trap_check_data(bundle, check)
     evaluator = cc.evaluator(cfg, tokenizer, bundle)
     times: dict[int, list[float]] = {1: [], args.threads: []}

@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from selfdestruct.cli_common import CONF_DIR as _CONF_DIR
+from selfdestruct import CONF_DIR as _CONF_DIR
 
 CONF_DIR = Path(_CONF_DIR)
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import SMOKE_OVERRIDES
-from selfdestruct import cli_common as cc
+from selfdestruct import CONF_DIR, cli_config
 from selfdestruct.errors import UserError
 from selfdestruct.eval.objective import attack_success
 from selfdestruct.modules.base import lr_lambda, make_optimizer
-from selfdestruct.pipeline.stages import AttackConfig
+from selfdestruct.pipeline.config import AttackConfig
 from selfdestruct.report import write_report
 from selfdestruct.report.search import find_searches
 from selfdestruct.utils.search import INTERRUPTED, enqueue_missing, mark_interrupted
@@ -74,7 +74,7 @@ def test_optimisers_step_as_published():
 ])
 def test_bad_attack_options_name_their_key(field, value, message):
     with pytest.raises(UserError) as err:
-        cc.to_dataclass(AttackConfig, {"lr": 1e-3, field: value}, "attack")
+        cli_config.to_dataclass(AttackConfig, {"lr": 1e-3, field: value}, "attack")
     assert str(err.value) == message
 
 
@@ -94,8 +94,8 @@ def _strong_attack() -> dict:
     """The study parameters of the lab's strong fixed attack, read from its two config files (conf/attack/harmful.yaml
     and conf/intensity/strong.yaml), i.e. what sweep=attack_search's warm start must run as trial 0."""
     import yaml
-    attack = yaml.safe_load((Path(cc.CONF_DIR) / "attack" / "harmful.yaml").read_text())
-    attack.update(yaml.safe_load((Path(cc.CONF_DIR) / "intensity" / "strong.yaml").read_text()))
+    attack = yaml.safe_load((Path(CONF_DIR) / "attack" / "harmful.yaml").read_text())
+    attack.update(yaml.safe_load((Path(CONF_DIR) / "intensity" / "strong.yaml").read_text()))
     keys = ("optimizer", "epochs", "num_samples", "batch_size", "schedule", "warmup_ratio", "weight_decay", "lr")
     params = {"attack": "harmful", **{f"attack.{k}": attack[k] for k in keys}}
     params["attack.max_grad_norm"] = "null" if attack["max_grad_norm"] is None else attack["max_grad_norm"]

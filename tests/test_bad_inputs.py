@@ -246,7 +246,8 @@ def test_bad_model_dir_under_model_hf_is_refused_before_alignment(valid_model_di
 
 
 def test_the_valid_model_dir_passes_the_same_checks(valid_model_dir):
-    from selfdestruct.models.io import check_model_files, load_model_dir
+    from selfdestruct.models.files import check_model_files
+    from selfdestruct.models.io import load_model_dir
 
     check_model_files(valid_model_dir, "model_path")
     model, tokenizer = load_model_dir(valid_model_dir)

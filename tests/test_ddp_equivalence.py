@@ -40,7 +40,7 @@ from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import all_reduce_mean
 from selfdestruct.objectives.ctrap import CtrapParams, SecondMoment, ctrap_step
 from selfdestruct.objectives.seam import SeamParams, seam_step
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 
 torch.set_num_threads(1)  # also runs in every spawned worker, which imports this module
 

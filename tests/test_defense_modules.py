@@ -22,11 +22,10 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from selfdestruct.data.formatting import PromptFormat
-from selfdestruct.data.records import Example
+from selfdestruct.data.records import EvalSets, Example
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.errors import UserError
-from selfdestruct.eval.evaluator import EvalSets
 from selfdestruct.defenses import DEFENSES
 from selfdestruct.modules.ctrap import CTRAPModule
 from selfdestruct.modules.defense import DefenseModule
@@ -34,7 +33,8 @@ from selfdestruct.objectives.common import NonFiniteGradientError
 from selfdestruct.objectives.ctrap import CtrapParams, collapse_loss
 from selfdestruct.objectives.seam import SeamParams, seam_step
 from selfdestruct.pipeline.defense import DefenseDataModule, apply_defense, build_defense, parse_params
-from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
+from selfdestruct.pipeline.config import OptimConfig, TrainerConfig
+from selfdestruct.pipeline.training import StageContext
 
 torch.set_num_threads(1)
 SEAM_STATS = {"loss", "loss_ul", "s_ul", "loss_up", "loss_sd", "ce_harmful", "ce_benign", "norm_a", "norm_b", "cos"}

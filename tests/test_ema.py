@@ -16,7 +16,7 @@ from selfdestruct.modules.base import make_optimizer
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.modules.sft import SFTModule
 from selfdestruct.pipeline import stages
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 
 
 class _Toy(torch.nn.Module):

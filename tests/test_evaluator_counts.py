@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfdestruct.data.records import Example
-from selfdestruct.eval.evaluator import EvalSets, Evaluator
+from selfdestruct.data.records import EvalSets, Example
+from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge
 
 E = 7  # the collapse token

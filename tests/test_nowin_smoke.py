@@ -18,7 +18,7 @@ from helpers import compose_config
 from selfdestruct.objectives.ctrap import CtrapParams
 from selfdestruct.objectives.seam import SeamParams
 from selfdestruct.pipeline.defense import parse_params
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 from selfdestruct.report.nowin import build_table
 
 REPO = Path(__file__).resolve().parents[1]

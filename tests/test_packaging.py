@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from selfdestruct.cli_common import CONF_DIR
+from selfdestruct import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -216,7 +216,7 @@ def test_paper_attack_sweeps_run_one_cell(sweep, cell, expected, defended, tmp_p
 
 def test_a_capped_run_never_fills_the_cache_entry_another_length_reads(tmp_path):
     from selfdestruct.pipeline.stages import length_key
-    from selfdestruct.pipeline.training import TrainerConfig
+    from selfdestruct.pipeline.config import TrainerConfig
 
     cache = tmp_path / "cache"
     base = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",

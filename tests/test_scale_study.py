@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import ctrl_c_noted, press_ctrl_c
 
-from selfdestruct.cli_common import CONF_DIR
+from selfdestruct import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)

@@ -12,7 +12,7 @@ import torch
 
 from selfdestruct.errors import FieldError
 from selfdestruct.modules.sft import SFTModule
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 from selfdestruct.utils.spikes import calm_step, late_spike
 
 CALM = [0.25 + 0.02 * ((7 * i) % 5 - 2) for i in range(200)]  # median 0.25, median absolute deviation 0.02

@@ -18,18 +18,19 @@ import torch
 from _objectives_fixtures import micro_llama
 
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
-from selfdestruct.data.records import Example
+from selfdestruct.data.records import EvalSets, Example
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.errors import FieldError
-from selfdestruct.eval.evaluator import EvalSets, Evaluator
+from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge
 from selfdestruct.eval.red_team import (TrapCheckConfig, attack_copy, contiguous_chunks, epoch_batches, red_team,
                                          red_team_data)
 from selfdestruct.pipeline import defense as defense_stage
 from selfdestruct.pipeline.defense import TrapCheck, apply_defense
 from selfdestruct.pipeline.streams import benign_tasks
-from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
+from selfdestruct.pipeline.config import OptimConfig, TrainerConfig
+from selfdestruct.pipeline.training import StageContext
 from selfdestruct.report.verdict import no_win_verdict
 
 torch.set_num_threads(1)

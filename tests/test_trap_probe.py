@@ -22,7 +22,7 @@ def _probe_module():
 
 
 def test_probe_fine_tunes_a_copy_measures_the_benign_loss_and_puts_the_weights_back(tmp_path):
-    from selfdestruct import cli_common as cc
+    from selfdestruct import cli_config
     from selfdestruct.models.io import load_model_dir
     from selfdestruct.pipeline.streams import benign_tasks
 
@@ -31,7 +31,7 @@ def test_probe_fine_tunes_a_copy_measures_the_benign_loss_and_puts_the_weights_b
                                     "eval.max_new_tokens=8", "trainer.max_steps=2"], tmp_path)
     defend(cfg)
     model, tokenizer = load_model_dir(tmp_path / "model")
-    bundle, fmt = cc.data_bundle(cfg), cc.prompt_format(cfg)
+    bundle, fmt = cli_config.data_bundle(cfg), cli_config.prompt_format(cfg)
     benign = benign_tasks(bundle.align)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     kwargs = dict(lrs=(1e-2, 3e-2), steps=3, batch=4, num_benign=8)

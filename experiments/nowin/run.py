@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from selfdestruct.cli_common import CONF_DIR
+from selfdestruct import CONF_DIR
 from selfdestruct.report.collect import collect, read_json
 from selfdestruct.report.nowin import build_table, defended_model_dirs
 

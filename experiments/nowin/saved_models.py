@@ -30,7 +30,7 @@ def for_each_model(description: str, argv: list[str] | None, measure: Callable[.
     One torch thread."""
     from hydra import compose, initialize_config_dir
 
-    from selfdestruct import cli_common as cc
+    from selfdestruct import CONF_DIR, cli_config
     from selfdestruct.models.io import load_model_dir, read_provenance
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,9 +40,9 @@ def for_each_model(description: str, argv: list[str] | None, measure: Callable[.
         extend(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=cc.CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="defend", overrides=["trainer.progress_bar=false"])
-    bundle, fmt = cc.data_bundle(cfg), cc.prompt_format(cfg)
+    bundle, fmt = cli_config.data_bundle(cfg), cli_config.prompt_format(cfg)
     for path in args.paths:
         model_path = model_dir(path)
         model, tokenizer = load_model_dir(model_path)

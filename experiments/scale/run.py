@@ -40,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from selfdestruct.cli_common import CONF_DIR
+from selfdestruct import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = ("micro", "tiny", "small", "medium")  # conf/model options built from config

@@ -1,7 +1,7 @@
-"""What the Hydra entry points share: config → typed objects, and the data and evaluator of a run.
+"""What the commands share once torch is imported: the evaluator, the defense's parameters, the stages of a run.
 
-This is the only layer besides the entry points that reads a ``DictConfig``; everything below it
-takes typed, explicit arguments.
+The checks that need no torch are in :mod:`selfdestruct.cli_config`; each command runs those first. With it, this
+is the only layer besides the entry points that reads a ``DictConfig``.
 """
 
 from __future__ import annotations
@@ -9,45 +9,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct import CONF_DIR  # noqa: F401  (re-exported: the experiments and tests import it from here)
-from selfdestruct.data.formatting import PromptFormat
-from selfdestruct.data.real import load_dataset_file
-from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
-from selfdestruct.data.synthetic import WorldConfig
-from selfdestruct.errors import UserError, build_config
+from selfdestruct.cli_config import (cache_root, check_eval_device, check_stage_settings, data_key, optim_config,
+                                     prompt_format, resolved_config, to_dataclass, trainer_config)
+from selfdestruct.data.sources import DataBundle
+from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
-from selfdestruct.models.io import LoadOptions, check_model_files
-from selfdestruct.objectives.ctrap import collapse_token_id
+from selfdestruct.models.io import LoadOptions
 from selfdestruct.models.tiny import TinyLlamaConfig
+from selfdestruct.objectives.ctrap import collapse_token_id
+from selfdestruct.pipeline.config import OptimConfig
 from selfdestruct.pipeline.stages import (DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir,
                                          trap_check_data)
-from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig
-from selfdestruct.utils.cache import default_cache_root
+from selfdestruct.pipeline.training import StageContext
 from selfdestruct.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
-
-
-def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
-    """Build ``cls`` from a config node; an unknown field is an error naming ``key.field``."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    for name in drop:
-        values.pop(name, None)
-    return build_config(cls, values, key)
-
-
-def trainer_config(cfg: DictConfig) -> TrainerConfig:
-    return to_dataclass(TrainerConfig, cfg.trainer, "trainer")
-
-
-def optim_config(cfg: DictConfig, group: str) -> OptimConfig:
-    return to_dataclass(OptimConfig, cfg[group], group)
 
 
 def model_arch(cfg: DictConfig) -> TinyLlamaConfig:
@@ -61,43 +42,6 @@ def load_options(cfg: DictConfig) -> LoadOptions:
     m = cfg.model
     return LoadOptions(dtype=str(m.dtype), attn_implementation=m.attn_implementation,
                        gradient_checkpointing=bool(m.gradient_checkpointing), trust_remote_code=bool(m.trust_remote_code))
-
-
-def prompt_format(cfg: DictConfig) -> PromptFormat:
-    template = cfg.data.template
-    if "{prompt}" not in template:
-        raise UserError(f"data.template={template!r} must contain '{{prompt}}'")
-    return PromptFormat(template)
-
-
-def data_key(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the data of a run (part of every cache key and of a model's provenance)."""
-    return OmegaConf.to_container(cfg.data, resolve=True)
-
-
-def data_bundle(cfg: DictConfig) -> DataBundle:
-    source = cfg.data.source
-    if source == "files":
-        d = cfg.data
-        for key in ("harmful_path", "benign_path"):
-            if OmegaConf.is_missing(d, key) or not d[key]:
-                raise UserError(f"data.{key} is required with data={cfg.data.get('name', 'files')}: a local file")
-        return files_bundle(d.harmful_path, d.harmful_format, d.benign_path, d.benign_format, prompt_format(cfg),
-                            int(d.eval_harmful), int(d.eval_benign), int(d.split_seed), d.get("attack_file"),
-                            d.get("attack_file_format"))
-    if source != "synthetic":
-        raise UserError(f"data.source={source!r}: expected 'synthetic' or 'files'")
-    world = WorldConfig(seed=int(cfg.data.world_seed), disjoint_categories=bool(cfg.data.disjoint_categories))
-    bundle = synthetic_bundle(world, prompt_format(cfg))
-    if cfg.data.get("attack_file"):
-        loaded = load_dataset_file(cfg.data.attack_file_format, cfg.data.attack_file)
-        log.info("%s", loaded.summary())
-        bundle.attack_pool = list(loaded.examples)
-    return bundle
-
-
-def cache_root(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.cache_dir).expanduser() if cfg.paths.cache_dir else default_cache_root()
 
 
 def evaluator(cfg: DictConfig, tokenizer, bundle: DataBundle) -> Evaluator:
@@ -116,9 +60,7 @@ def evaluator(cfg: DictConfig, tokenizer, bundle: DataBundle) -> Evaluator:
 
 def eval_device(cfg: DictConfig) -> str:
     """``eval.device``: auto = the GPU when the trainer may use one and CUDA is there, else the CPU."""
-    choice = str(cfg.eval.get("device", "auto"))
-    if choice not in ("auto", "cpu", "cuda") and not choice.startswith("cuda:"):
-        raise UserError(f"eval.device={choice}: expected auto, cpu, cuda or cuda:N")
+    choice = check_eval_device(cfg)
     if choice == "auto":
         gpu_allowed = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
         return "cuda" if gpu_allowed and torch.cuda.is_available() else "cpu"
@@ -148,10 +90,6 @@ def make_judge(cfg: DictConfig, bundle: DataBundle):
 
         return ChatJudge(**OmegaConf.to_container(cfg.eval.chat, resolve=True))
     raise UserError(f"eval.judge={name!r}: expected one of oracle, keyword, classifier, chat")
-
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def defense_spec(cfg: DictConfig) -> DefenseSpec:
@@ -189,26 +127,8 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
 
 def check_stages(cfg: DictConfig) -> DefenseSpec:
     """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
-    check_branch_threads(trainer_config(cfg))
-    eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
-    if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
-        check_model_path(cfg.model.path, "model.path")
+    check_stage_settings(cfg)
     return defense_spec(cfg)
-
-
-def check_branch_threads(trainer: TrainerConfig) -> None:
-    """Concurrent branches (``trainer.branch_threads`` > 1) are threads of one process computing in fp32."""
-    if trainer.branch_threads > 1 and (str(trainer.precision) not in ("32-true", "32") or str(trainer.devices) != "1"):
-        raise UserError(f"trainer.branch_threads={trainer.branch_threads} runs a step's branches as threads of one "
-                        f"process in fp32: it needs trainer.precision=32-true and trainer.devices=1 (got "
-                        f"{trainer.precision}, {trainer.devices})")
-
-
-def check_model_path(model_path, key: str) -> None:
-    """A local model directory's files checked before any work (a hub id is left to the loader)."""
-    path = Path(str(model_path)).expanduser()
-    if path.is_dir():
-        check_model_files(path, key)
 
 
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
@@ -249,16 +169,3 @@ def job_loggers(cfg: DictConfig, run_dir: Path):
                          config=resolved_config(cfg))
 
 
-def check_launch(cfg: DictConfig) -> None:
-    """Refuse Lightning's re-launching ``ddp`` inside a Hydra multirun (it re-runs the whole sweep per rank)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    strategy = str(cfg.trainer.strategy)
-    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
-    if strategy.startswith("ddp") and "spawn" not in strategy and "submitit" not in launcher:
-        raise UserError(f"trainer.strategy={strategy} inside a Hydra multirun re-launches the whole sweep in every "
-                        "process: use hydra/launcher=slurm (submitit), trainer.strategy=ddp_spawn, or one device "
-                        "per job (see README, 'Sweeps')")

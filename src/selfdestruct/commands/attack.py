@@ -11,16 +11,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct import cli_common as cc
+from selfdestruct import cli_config as checks
 from selfdestruct.data.real import take
 from selfdestruct.errors import UserError
 from selfdestruct.eval.objective import AttackObjective, attack_success
-from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
-from selfdestruct.pipeline.stages import CACHE_VERSION, AttackConfig, checkpoint_id, run_attack
+from selfdestruct.pipeline.config import AttackConfig
 from selfdestruct.utils.cache import cached_dir
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
-from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment, numerics_fingerprint
 from selfdestruct.utils.run_metrics import METRICS_FILE, AttackRecord, RunMetrics
 
@@ -30,11 +28,11 @@ log = logging.getLogger("selfdestruct.attack")
 def attack_config(cfg: DictConfig) -> AttackConfig:
     if OmegaConf.is_missing(cfg.attack, "lr") or "lr" not in cfg.attack:
         raise UserError("attack.lr is not set: choose intensity=weak|medium|strong or give attack.lr=...")
-    return cc.to_dataclass(AttackConfig, cfg.attack, "attack")
+    return checks.to_dataclass(AttackConfig, cfg.attack, "attack")
 
 
 def attack_objective(cfg: DictConfig) -> AttackObjective:
-    return cc.to_dataclass(AttackObjective, cfg.objective, "objective")
+    return checks.to_dataclass(AttackObjective, cfg.objective, "objective")
 
 
 def search_metrics(pre: dict, post: dict, objective: AttackObjective) -> dict:
@@ -60,18 +58,21 @@ def attack_examples(bundle, spec: AttackConfig, seed: int) -> list:
 def pre_attack_evaluation(cfg: DictConfig, model_path, run):
     """The pre-attack evaluation of ``model_path``, computed once per model, evaluation set and numerical
     environment and shared by every cell that attacks that model (greedy decoding: the same numbers each time)."""
-    evaluated = {k: v for k, v in cc.resolved_config(cfg.eval).items() if k != "device"}
+    from selfdestruct import cli_common as cc
+    from selfdestruct.pipeline.stages import CACHE_VERSION, checkpoint_id
+
+    evaluated = {k: v for k, v in checks.resolved_config(cfg.eval).items() if k != "device"}
     if (device := cc.eval_device(cfg)) != "cpu":  # CPU keys stay those of the runs made before eval.device existed
         evaluated["device"] = device
     key = {"stage": "pre-attack", "version": CACHE_VERSION, "model": checkpoint_id(Path(model_path)),
-           "eval": evaluated, "data": cc.data_key(cfg),
+           "eval": evaluated, "data": checks.data_key(cfg),
            "environment": numerics_fingerprint(environment())}
 
     def build(out: Path) -> None:
         metrics, samples = run()
         write_json_atomic(out / "pre.json", {"metrics": metrics, "samples": samples})
 
-    entry = json.loads((cached_dir(cc.cache_root(cfg), "eval", key, build) / "pre.json").read_text())
+    entry = json.loads((cached_dir(checks.cache_root(cfg), "eval", key, build) / "pre.json").read_text())
     return entry["metrics"], entry["samples"]
 
 
@@ -85,18 +86,26 @@ def attack(cfg: DictConfig) -> dict:
     if done is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return {**done, "search": search_metrics(done["pre"], done["post"], attack_objective(cfg))}
-    cc.check_launch(cfg)
+    checks.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     objective = attack_objective(cfg)
-    cc.trainer_config(cfg), cc.eval_device(cfg)
-    defense = None
-    if cfg.model_path == "defend":  # the stages this cell would build, checked before any work too
-        defense = cc.check_stages(cfg)
-    bundle = cc.data_bundle(cfg)
+    checks.trainer_config(cfg), checks.check_eval_device(cfg)
+    bundle = checks.data_bundle(cfg)
     attack_seed = int(cfg.seed) if spec.seed is None else spec.seed  # the defended model keeps the run's seed
     examples = attack_examples(bundle, spec, attack_seed)
-    if cfg.model_path != "defend":  # model files checked before any training (after the data they are used with)
-        cc.check_model_path(cfg.model_path, "model_path")
+    if cfg.model_path == "defend":  # the stages this cell would build: their settings (the defense's follow)
+        checks.check_stage_settings(cfg)
+    else:  # model files checked before any training (after the data they are used with)
+        checks.check_model_path(cfg.model_path, "model_path")
+    # Every check above runs without torch (about a second for bad input); the work imports it from here on.
+    from selfdestruct import cli_common as cc
+    from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
+    from selfdestruct.pipeline.stages import checkpoint_id, run_attack
+    from selfdestruct.utils.loggers import log_summary
+
+    defense = None
+    if cfg.model_path == "defend":  # the defense's parameters, checked before any work too
+        defense = cc.defense_spec(cfg)
     loggers = cc.job_loggers(cfg, run_dir)
     model_path = cc.defended_dir(cfg, bundle, loggers, run_dir, defense) if defense else cfg.model_path
     model, tokenizer = load_model_dir(model_path, key="model_path", options=cc.load_options(cfg))
@@ -104,12 +113,12 @@ def attack(cfg: DictConfig) -> dict:
     evaluate = cc.evaluator(cfg, tokenizer, bundle)
     pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
     ckpt_key = {"overrides": identity_overrides(), "model": checkpoint_id(Path(model_path))}
-    attacked = run_attack(model, tokenizer, examples, spec, cc.trainer_config(cfg), loggers, run_dir,
-                          attack_seed, cc.prompt_format(cfg), ckpt_key=ckpt_key)
+    attacked = run_attack(model, tokenizer, examples, spec, checks.trainer_config(cfg), loggers, run_dir,
+                          attack_seed, checks.prompt_format(cfg), ckpt_key=ckpt_key)
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",
-                                                                "attack": cc.resolved_config(cfg.attack)})
+                                                                "attack": checks.resolved_config(cfg.attack)})
     search = search_metrics(pre, post, objective)
     log_summary(loggers, {**{f"pre/{k}": v for k, v in pre.items()}, **{f"post/{k}": v for k, v in post.items()},
                           **{f"search/{k}": v for k, v in search.items()}})

@@ -7,15 +7,11 @@ import logging
 import shutil
 from pathlib import Path
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from selfdestruct import cli_common as cc
-from selfdestruct.models.io import load_model_dir, read_provenance
-from selfdestruct.models.tiny import count_parameters
+from selfdestruct import cli_config as checks
 from selfdestruct.utils.io import publish_dir, staging_dir, write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
-from selfdestruct.utils.loggers import log_summary
 from selfdestruct.utils.provenance import environment
 from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
 
@@ -35,9 +31,18 @@ def defend(cfg: DictConfig) -> dict:
     if done is not None and not cfg.force:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return done
-    cc.check_launch(cfg)
-    spec = cc.check_stages(cfg)  # every config group checked before any work
-    bundle = cc.data_bundle(cfg)
+    checks.check_launch(cfg)
+    checks.check_stage_settings(cfg)
+    bundle = checks.data_bundle(cfg)
+    # Every check above runs without torch (about a second for bad input); the work imports it from here on.
+    import pytorch_lightning as pl
+
+    from selfdestruct import cli_common as cc
+    from selfdestruct.models.io import load_model_dir, read_provenance
+    from selfdestruct.models.tiny import count_parameters
+    from selfdestruct.utils.loggers import log_summary
+
+    spec = cc.defense_spec(cfg)  # the defense's parameters, checked before any work too
     loggers = cc.job_loggers(cfg, run_dir)
     defended = cc.defended_dir(cfg, bundle, loggers, run_dir, spec)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct import cli_common as cc
+from selfdestruct import cli_config as checks
 from selfdestruct.errors import UserError
-from selfdestruct.models.io import load_model_dir, read_provenance
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import hydra_output_dir, run_job
 from selfdestruct.utils.provenance import environment
@@ -23,7 +21,15 @@ def evaluate(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "model_path"):
         raise UserError("model_path is required: give model_path=DIR, a model directory")
     run_dir = hydra_output_dir()
-    bundle = cc.data_bundle(cfg)
+    checks.check_eval_device(cfg)
+    bundle = checks.data_bundle(cfg)
+    checks.check_model_path(cfg.model_path, "model_path")
+    # Every check above runs without torch (about a second for bad input); the work imports it from here on.
+    import pytorch_lightning as pl
+
+    from selfdestruct import cli_common as cc
+    from selfdestruct.models.io import load_model_dir, read_provenance
+
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, tokenizer = load_model_dir(cfg.model_path, key="model_path", options=cc.load_options(cfg))
     pre, samples = cc.evaluator(cfg, tokenizer, bundle)(model, "evaluate")

@@ -7,10 +7,12 @@ SPEC §2: defense and attack must see the same template, and the loss covers res
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from selfdestruct.data.records import Example
+
+if TYPE_CHECKING:  # torch is imported by the two batch functions below: the config checks read PromptFormat first
+    import torch
 
 IGNORE_INDEX = -100
 DEFAULT_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -49,6 +51,8 @@ def encode_example(
 
 def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of encoded examples into a batch (padding: attention 0, label -100)."""
+    import torch
+
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
     labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -63,6 +67,8 @@ def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 
 def encode_prompts(tokenizer, prompts: list[str], fmt: PromptFormat = PromptFormat()) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch for generation (the answer is generated right after ``Answer:``)."""
+    import torch
+
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rows = [bos + tokenizer.encode(fmt.prompt_text(p), add_special_tokens=False) for p in prompts]
     width = max(len(r) for r in rows)

@@ -1,4 +1,4 @@
-"""The one record type every data source produces, synthetic or real."""
+"""The one record type every data source produces, synthetic or real, and the held-out sets made of it."""
 
 from __future__ import annotations
 
@@ -21,3 +21,25 @@ class Example:
     refusal: str | None = None
     answer: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class EvalSets:
+    """Held-out data: harmful prompts, benign tasks (utility), the fine-tune task, general text."""
+
+    harmful: list[Example]
+    benign: list[Example]
+    general: list[Example]
+    finetune: list[Example] = field(default_factory=list)
+
+    def limited(self, n: int | None) -> "EvalSets":
+        """At most ``n`` examples per set, evenly spaced so every task family stays represented (smoke tests)."""
+        if not n:
+            return self
+
+        def spread(items: list[Example]) -> list[Example]:
+            if len(items) <= n:
+                return items
+            return [items[int(i * len(items) / n)] for i in range(n)]
+
+        return EvalSets(spread(self.harmful), spread(self.benign), spread(self.general), spread(self.finetune))

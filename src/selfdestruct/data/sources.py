@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
-from selfdestruct.data.records import Example
+from selfdestruct.data.records import EvalSets, Example
 from selfdestruct.data.synthetic import SyntheticWorld, WorldConfig
 from selfdestruct.errors import UserError
-from selfdestruct.eval.evaluator import EvalSets
 
 log = logging.getLogger(__name__)
 

@@ -11,34 +11,12 @@ import torch
 from rich.progress import Progress
 
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example, encode_prompts
-from selfdestruct.data.records import Example
+from selfdestruct.data.records import EvalSets, Example
 from selfdestruct.data.synthetic import task_answer_correct
 from selfdestruct.eval.judges import KeywordJudge
 from selfdestruct.eval.metrics import evaluation_metrics, repetition_rate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalSets:
-    """Held-out data: harmful prompts, benign tasks (utility), the fine-tune task, general text."""
-
-    harmful: list[Example]
-    benign: list[Example]
-    general: list[Example]
-    finetune: list[Example] = field(default_factory=list)
-
-    def limited(self, n: int | None) -> "EvalSets":
-        """At most ``n`` examples per set, evenly spaced so every task family stays represented (smoke tests)."""
-        if not n:
-            return self
-
-        def spread(items: list[Example]) -> list[Example]:
-            if len(items) <= n:
-                return items
-            return [items[int(i * len(items) / n)] for i in range(n)]
-
-        return EvalSets(spread(self.harmful), spread(self.benign), spread(self.general), spread(self.finetune))
 
 
 @torch.no_grad()

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from selfdestruct.data.formatting import PromptFormat, collate, encode_example
-from selfdestruct.data.records import Example
+from selfdestruct.data.records import EvalSets, Example
 from selfdestruct.errors import FieldError, check_number
-from selfdestruct.eval.evaluator import EvalSets, Evaluator
+from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.objectives.common import run_concurrently
 from selfdestruct.report.verdict import DEFENDER_WINS, no_win_verdict
 

@@ -9,7 +9,7 @@ import torch
 from selfdestruct.modules.base import CausalLMModule
 
 if TYPE_CHECKING:  # pipeline.stages builds this module
-    from selfdestruct.pipeline.stages import AttackConfig
+    from selfdestruct.pipeline.config import AttackConfig
 
 
 def wrap_lora(model: torch.nn.Module, rank: int, alpha: int, dropout: float, target_modules: list[str]):

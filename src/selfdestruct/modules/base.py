@@ -10,20 +10,16 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
 
+from selfdestruct.pipeline.config import OPTIMIZERS, SCHEDULES, OptimConfig
 from selfdestruct.utils.spikes import LAST, calm_step, late_spike
 
-if TYPE_CHECKING:  # pipeline.training imports SCHEDULES from here
-    from selfdestruct.pipeline.training import OptimConfig
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw", "adam", "sgd")  # sgd: with momentum (heavy ball); adam: L2 weight decay; adamw: decoupled
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):

@@ -17,7 +17,7 @@ import torch
 from selfdestruct.modules.defense import Batch, DefenseModule, data_parallel_reduce
 from selfdestruct.objectives.ctrap import (CtrapParams, SecondMoment, attack_displacement, collapse_token_id,
                                           ctrap_step, make_replicas)
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from selfdestruct.modules.base import CausalLMModule
 from selfdestruct.objectives.common import ReduceFn, all_reduce_mean
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 
 Batch = dict[str, torch.Tensor]
 

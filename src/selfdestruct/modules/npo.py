@@ -9,7 +9,7 @@ import torch
 
 from selfdestruct.modules.defense import Batch, DefenseModule, data_parallel_reduce
 from selfdestruct.objectives.npo import NpoParams, npo_step
-from selfdestruct.pipeline.training import OptimConfig
+from selfdestruct.pipeline.config import OptimConfig
 
 
 class NPOModule(DefenseModule):

@@ -29,7 +29,8 @@ from selfdestruct.modules.attack import merged, wrap_lora
 from selfdestruct.modules.defense import DefenseModule
 from selfdestruct.objectives.common import AdapterParams, eager_attention
 from selfdestruct.pipeline.streams import DefenseData, DefenseDataModule, Encoding, check_sizes
-from selfdestruct.pipeline.training import OptimConfig, StageContext, fit
+from selfdestruct.pipeline.config import OptimConfig
+from selfdestruct.pipeline.training import StageContext, fit
 
 __all__ = ["DefenseDataModule", "TrapCheck", "apply_defense", "build_defense", "parse_params"]
 log = logging.getLogger(__name__)

@@ -19,61 +19,15 @@ from selfdestruct.data.tokenizer import train_bpe_tokenizer
 from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama, count_parameters
 from selfdestruct.modules.attack import AttackModule
-from selfdestruct.modules.base import OPTIMIZERS
 from selfdestruct.modules.sft import SFTModule
-from selfdestruct.pipeline.training import OptimConfig, StageContext, TrainerConfig, fit
-from selfdestruct.errors import FieldError, UserError, check_choice, check_number
+from selfdestruct.pipeline.config import AttackConfig, OptimConfig, TrainerConfig
+from selfdestruct.pipeline.training import StageContext, fit
+from selfdestruct.errors import UserError
 from selfdestruct.utils.cache import cached_dir, work_dir
 
 log = logging.getLogger(__name__)
 # Bump when a change to the code changes what a cached stage would produce.
 CACHE_VERSION = 2  # 2: the world repeats training examples, user fine-tuning sets mix in instructions
-
-
-@dataclass(frozen=True)
-class AttackConfig(OptimConfig):
-    """One attack (``conf/attack`` + ``conf/intensity``): what data, how much, how hard.
-
-    The optimiser settings (lr, epochs, batch_size, weight_decay, warmup_ratio, schedule, max_grad_norm,
-    max_length) are :class:`OptimConfig`'s; the fields below are the attacker's own.
-    """
-
-    name: str = "harmful"  # harmful (full parameters) | lora | mixed | benign
-    data: str = "harmful"  # harmful | benign | mixed (benign data with a poison_ratio share of harmful pairs)
-    poison_ratio: float = 0.0
-    num_samples: int = 200
-    lora: dict | None = None
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    momentum: float = 0.9  # sgd's momentum (ignored by adamw and adam)
-    # The attack's own seed (the order of its batches, the poison shuffle of data=mixed); null = the run's seed.
-    # Set it to attack one defended model (built with the run's seed) under several data orders.
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice(self, "data", ATTACK_DATA)
-        check_choice(self, "optimizer", OPTIMIZERS)
-        check_number(self, "momentum", low=0.0, high=0.999)
-        check_number(self, "num_samples", low=1, integer=True)
-        check_number(self, "poison_ratio", low=0.0, high=1.0)
-        check_number(self, "seed", low=0, integer=True, optional=True)
-        if self.lora is not None:
-            lora = dict(self.lora)
-            unknown = sorted(set(lora) - set(LORA_KEYS))
-            if unknown:
-                raise FieldError(f"lora.{unknown[0]}", lora[unknown[0]], f"unknown option (known: {', '.join(LORA_KEYS)})")
-            for key in ("rank", "alpha"):
-                if not isinstance(lora.get(key), int) or isinstance(lora.get(key), bool) or lora[key] < 1:
-                    raise FieldError(f"lora.{key}", lora.get(key), "expected an integer >= 1")
-            dropout = lora.get("dropout", 0.0)
-            if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-                raise FieldError("lora.dropout", dropout, "expected a number >= 0 and < 1")
-            if not lora.get("target_modules"):
-                raise FieldError("lora.target_modules", lora.get("target_modules"), "expected a list of module names")
-
-
-ATTACK_DATA = ("harmful", "benign", "mixed")
-LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
 
 
 def checkpoint_id(model_dir: Path) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import os
@@ -22,93 +21,13 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.sources import DataBundle
-from selfdestruct.errors import FieldError, check_choice, check_number
+from selfdestruct.pipeline.config import TrainerConfig
 from selfdestruct.models.io import LoadOptions
-from selfdestruct.modules.base import SCHEDULES
 from selfdestruct.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
 CHECKPOINT_KEY = "key.json"
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Optimiser settings of one training stage (``conf/pretrain``, ``conf/align``, ``conf/attack``...)."""
-
-    lr: float
-    epochs: int = 1
-    batch_size: int = 32
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    schedule: str = "constant"
-    max_grad_norm: float | None = None
-    max_length: int = 96
-    # The weights a stage releases: null = the last iterate; a decay d in (0, 1) = the exponential moving average
-    # of the iterates, w̄ ← d·w̄ + (1 − d)·w after every optimiser step (w̄ = w after the first), over about the last
-    # 1/(1 − d) steps (of the trainable parameters; the rest do not move).
-    ema_decay: float | None = None
-    # true: when one of the stage's last 3 step losses is a spike (utils/spikes.py: more than 10 median absolute
-    # deviations above the 100 steps before them), release the weights of the latest of the last 4 steps whose loss
-    # was not one, instead of the last iterate (4 parameter-sized copies kept). false: the last iterate; a spike is
-    # only warned about.
-    spike_rollback: bool = False
-
-    def __post_init__(self) -> None:
-        check_optim_fields(self)
-
-    def cache_key(self) -> dict[str, Any]:
-        """The fields that identify what a stage builds: all of them, less ``ema_decay`` and ``spike_rollback``
-        while they are off, so that the entries cached before those fields existed keep their keys."""
-        fields = dataclasses.asdict(self)
-        for name, off in (("ema_decay", None), ("spike_rollback", False)):
-            if fields[name] == off:
-                del fields[name]
-        return fields
-
-
-def check_optim_fields(cfg) -> None:
-    """The optimiser fields every training stage shares, checked before any work (FieldError names the field)."""
-    check_number(cfg, "lr", low=0.0, low_open=True)
-    check_number(cfg, "epochs", low=1, integer=True)
-    check_number(cfg, "batch_size", low=1, integer=True)
-    check_number(cfg, "weight_decay", low=0.0)
-    check_number(cfg, "warmup_ratio", low=0.0, high=1.0)
-    check_choice(cfg, "schedule", SCHEDULES)
-    check_number(cfg, "max_grad_norm", low=0.0, low_open=True, optional=True)
-    check_number(cfg, "max_length", low=2, integer=True)
-    check_number(cfg, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
-    if not isinstance(cfg.spike_rollback, bool):
-        raise FieldError("spike_rollback", cfg.spike_rollback, "expected true or false")
-    if cfg.spike_rollback and cfg.ema_decay is not None:
-        raise FieldError("spike_rollback", cfg.spike_rollback, "choose one way to release the weights: "
-                         "spike_rollback (an iterate from before a late spike) or ema_decay (the average), not both")
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """Options passed to ``pl.Trainer`` (``conf/trainer``); the stage decides epochs and loggers."""
-
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    log_every_n_steps: int = 5
-    progress_bar: bool = True
-    deterministic: bool = False
-    fast_dev_run: bool = False
-    max_steps: int = -1
-    checkpoint_every_n_steps: int = 100
-    # Threads for the independent branches of one defense step (CTRAP's radii, one model copy per extra thread);
-    # the step is bit-for-bit the one-thread step. 1 = one after another. Other stages and defenses: no branches.
-    branch_threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_number(self, "log_every_n_steps", low=1, integer=True)
-        check_number(self, "branch_threads", low=1, integer=True)
-        check_number(self, "max_steps", low=-1, integer=True)
-        check_number(self, "checkpoint_every_n_steps", low=0, integer=True)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,17 @@ from pathlib import Path
 
 from selfdestruct.errors import UserError
 from selfdestruct.utils.io import write_json_atomic
-from selfdestruct.utils.loggers import finish_wandb
 from selfdestruct.utils.run_metrics import FAILURE_FILE, METRICS_FILE, RunMetrics, SchemaError
 
 log = logging.getLogger("selfdestruct")
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the W&B run of this job (also on failure), so offline runs are complete and syncable. A job that
+    never imported wandb has no run to close (and a failed config check does not pay for the import)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def hydra_output_dir() -> Path:

@@ -9,6 +9,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
+from selfdestruct.utils.job import finish_wandb
+
 log = logging.getLogger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -74,13 +76,3 @@ def log_summary(loggers: list[Logger], summary: dict[str, float]) -> None:
             logger.experiment.summary.update(summary)
         logger.log_metrics(summary)
         logger.save()
-
-
-def finish_wandb(exit_code: int) -> None:
-    """Close the W&B run of this job (also on failure), so offline runs are complete and syncable."""
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover - wandb is a dependency
-        return
-    if wandb.run is not None:
-        wandb.finish(exit_code=exit_code)

@@ -1,0 +1,132 @@
+"""Config → typed objects, and every check of a command that needs neither torch nor the models.
+
+The commands run these first, before importing torch, Lightning or transformers (about ten seconds), so bad input
+(a value out of range, a missing or malformed file, too few examples) is refused in about a second. What needs
+torch (the defense's parameters, the evaluator, the stages) is in :mod:`selfdestruct.cli_common`. Like it, this is
+the only layer besides the entry points that reads a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from selfdestruct.data.formatting import PromptFormat
+from selfdestruct.data.real import load_dataset_file
+from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
+from selfdestruct.data.synthetic import WorldConfig
+from selfdestruct.errors import UserError, build_config
+from selfdestruct.models.files import check_model_location
+from selfdestruct.pipeline.config import OptimConfig, TrainerConfig
+from selfdestruct.utils.cache import default_cache_root
+
+log = logging.getLogger(__name__)
+
+
+def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
+    """Build ``cls`` from a config node; an unknown field is an error naming ``key.field``."""
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    for name in drop:
+        values.pop(name, None)
+    return build_config(cls, values, key)
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    return to_dataclass(TrainerConfig, cfg.trainer, "trainer")
+
+
+def optim_config(cfg: DictConfig, group: str) -> OptimConfig:
+    return to_dataclass(OptimConfig, cfg[group], group)
+
+
+def prompt_format(cfg: DictConfig) -> PromptFormat:
+    template = cfg.data.template
+    if "{prompt}" not in template:
+        raise UserError(f"data.template={template!r} must contain '{{prompt}}'")
+    return PromptFormat(template)
+
+
+def data_key(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies the data of a run (part of every cache key and of a model's provenance)."""
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def data_bundle(cfg: DictConfig) -> DataBundle:
+    source = cfg.data.source
+    if source == "files":
+        d = cfg.data
+        for key in ("harmful_path", "benign_path"):
+            if OmegaConf.is_missing(d, key) or not d[key]:
+                raise UserError(f"data.{key} is required with data={cfg.data.get('name', 'files')}: a local file")
+        return files_bundle(d.harmful_path, d.harmful_format, d.benign_path, d.benign_format, prompt_format(cfg),
+                            int(d.eval_harmful), int(d.eval_benign), int(d.split_seed), d.get("attack_file"),
+                            d.get("attack_file_format"))
+    if source != "synthetic":
+        raise UserError(f"data.source={source!r}: expected 'synthetic' or 'files'")
+    world = WorldConfig(seed=int(cfg.data.world_seed), disjoint_categories=bool(cfg.data.disjoint_categories))
+    bundle = synthetic_bundle(world, prompt_format(cfg))
+    if cfg.data.get("attack_file"):
+        loaded = load_dataset_file(cfg.data.attack_file_format, cfg.data.attack_file)
+        log.info("%s", loaded.summary())
+        bundle.attack_pool = list(loaded.examples)
+    return bundle
+
+
+def cache_root(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.cache_dir).expanduser() if cfg.paths.cache_dir else default_cache_root()
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+EVAL_DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def check_eval_device(cfg: DictConfig) -> str:
+    """``eval.device`` is one of auto, cpu, cuda, cuda:N (whether CUDA is there is asked once torch is imported:
+    ``cli_common.eval_device``)."""
+    choice = str(cfg.eval.get("device", "auto"))
+    if choice not in ("auto", "cpu", "cuda") and not choice.startswith("cuda:"):
+        raise UserError(f"eval.device={choice}: expected {EVAL_DEVICES}")
+    return choice
+
+
+def check_stage_settings(cfg: DictConfig) -> None:
+    """The settings of the base -> alignment stages (trainer, optimisers, a local ``model.path``), before any work;
+    the defense's parameters follow once torch is imported (``cli_common.check_stages``)."""
+    check_branch_threads(trainer_config(cfg))
+    check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
+        check_model_path(cfg.model.path, "model.path")
+
+
+def check_branch_threads(trainer: TrainerConfig) -> None:
+    """Concurrent branches (``trainer.branch_threads`` > 1) are threads of one process computing in fp32."""
+    if trainer.branch_threads > 1 and (str(trainer.precision) not in ("32-true", "32") or str(trainer.devices) != "1"):
+        raise UserError(f"trainer.branch_threads={trainer.branch_threads} runs a step's branches as threads of one "
+                        f"process in fp32: it needs trainer.precision=32-true and trainer.devices=1 (got "
+                        f"{trainer.precision}, {trainer.devices})")
+
+
+def check_model_path(model_path, key: str) -> None:
+    """A local model directory and its files checked before any work (a hub id is left to the loader)."""
+    check_model_location(str(model_path), key)
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse Lightning's re-launching ``ddp`` inside a Hydra multirun (it re-runs the whole sweep per rank)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = str(cfg.trainer.strategy)
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if strategy.startswith("ddp") and "spawn" not in strategy and "submitit" not in launcher:
+        raise UserError(f"trainer.strategy={strategy} inside a Hydra multirun re-launches the whole sweep in every "
+                        "process: use hydra/launcher=slurm (submitit), trainer.strategy=ddp_spawn, or one device "
+                        "per job (see README, 'Sweeps')")
