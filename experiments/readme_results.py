@@ -209,26 +209,37 @@ def nowin_table(dirs: list[Path]) -> tuple[list[str], list[dict]]:
 
 
 def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
-    """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy."""
+    """Each defense on each CPU kernel path found under ``roots`` (same seeds): no-win, utility, benign accuracy, and
+    how many grid cells the defense won on some paths but not on all."""
     from selfdestruct.report import acceptance, build_report, collect
+    from selfdestruct.report.verdict import DEFENDER_WINS, HARMFUL_KINDS
 
     runs = [r for r in collect(roots) if r.status == "ok"]
     by_path: dict[str, list] = {}
     for run in runs:
         by_path.setdefault(kernel_path(run.environment), []).append(run)
     paths = sorted(by_path)
-    table = {path: {(row.seed, row.defense): row for row in acceptance.rows(build_report(roots, by_path[path]))}
-             for path in paths}
+    reports = {path: build_report(roots, by_path[path]) for path in paths}
+    table = {path: {(row.seed, row.defense): row for row in acceptance.rows(reports[path])} for path in paths}
+    won = {path: {(j.run.seed, j.run.defense, j.run.attack_kind or "harmful", j.run.lr, j.run.num_samples,
+                   j.run.epochs, j.run.attack_seed):
+                  j.verdict in DEFENDER_WINS for j in reports[path].judged
+                  if j.run.stage == "attack" and (j.run.attack_kind or "harmful") in HARMFUL_KINDS}
+           for path in paths}
     keys = sorted({key for rows in table.values() for key in rows}, key=lambda k: (k[0], k[1] != "sft", k[1]))
     lines = ["The same seed on each CPU kernel path (fresh caches; no-win · pre-attack utility · benign task "
-             "accuracy):", "", "| seed | defense | " + " | ".join(paths) + " | no-win difference |",
-             "|---|---|" + "---|" * len(paths) + "---|"]
+             "accuracy; cells won on one path only: the grid cells whose verdict, won or not, differs between the "
+             "paths):", "", "| seed | defense | " + " | ".join(paths) + " | no-win difference | cells won on one "
+             "path only |", "|---|---|" + "---|" * len(paths) + "---|---|"]
     for seed, defense in keys:
         rows = [table[path].get((seed, defense)) for path in paths]
         cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · {r.task_accuracy:.3f}" for r in rows]
-        won = [r.won for r in rows if r is not None]
-        difference = max(won) - min(won) if len(won) == len(rows) else "—"  # only where every path ran
-        lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {difference} |")
+        counts = [r.won for r in rows if r is not None]
+        difference = max(counts) - min(counts) if len(counts) == len(rows) else "—"  # only where every path ran
+        grids = [{cell[2:]: w for cell, w in won[path].items() if cell[:2] == (seed, defense)} for path in paths]
+        common = set.intersection(*(set(g) for g in grids))
+        differ = sum(len({g[c] for g in grids}) > 1 for c in common) if len(counts) == len(rows) else "—"
+        lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {difference} | {differ} |")
     return lines, [{"environment": run.environment} for run in runs]
 
 

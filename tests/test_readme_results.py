@@ -124,11 +124,15 @@ def test_kernel_path_table_puts_each_path_in_its_own_column(tmp_path):
             data["environment"].update(cpu_capability=capability, env={"MKL_CBWR": mkl} if mkl else {})
             if "benign" in metrics_file.parts:
                 data["attack"]["kind"] = "benign"
+            else:  # three cells of one grid: three learning rates
+                data["attack"]["lr"] = (1e-4, 2e-4, 3e-4)[int(metrics_file.parent.name)]
             metrics_file.write_text(json.dumps(data))
         dirs.append(out)
     lines, _ = gen.kernel_table(dirs)
-    assert "| seed | defense | AVX512 | DEFAULT (MKL_CBWR=COMPATIBLE) | no-win difference |" in lines
-    assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · 1.000 | 1 |" in lines
+    assert ("| seed | defense | AVX512 | DEFAULT (MKL_CBWR=COMPATIBLE) | no-win difference | cells won on one path "
+            "only |") in lines
+    # native: cells 0, 1 broken, 2 won; portable: cell 0 broken, 1 and 2 won -> cell 1 is won on one path only
+    assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · 1.000 | 1 | 1 |" in lines
 
 
 def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_path):
