@@ -48,6 +48,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-heldout-avx2", "cascade_heldout_avx2.md", "cascade_heldout_avx2"),
         ("avx2-seeds-20-22", "avx2_seeds_20_22.md", "avx2_seeds_20_22"),
         ("avx2-seeds-23-24", "avx2_seeds_23_24.md", "avx2_seeds_23_24"),
+        ("kernel-paths-held-sft", "kernel_paths_held_sft.md", "kernel_paths_held_sft"),
     )},
 }
 
