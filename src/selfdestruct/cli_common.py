@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct.cli_config import (cache_root, check_eval_device, check_stage_settings, data_key, optim_config,
-                                     prompt_format, resolved_config, to_dataclass, trainer_config)
+from selfdestruct.cli_config import (cache_root, check_eval_device, data_key, optim_config, prompt_format,
+                                     resolved_config, to_dataclass, trainer_config)
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import Evaluator
@@ -125,15 +125,9 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
                        parsed=parsed, seed=seed, trap_check=trap_check)
 
 
-def check_stages(cfg: DictConfig) -> DefenseSpec:
-    """Every config group of the base -> alignment -> defense stages as typed objects, before any work."""
-    check_stage_settings(cfg)
-    return defense_spec(cfg)
-
-
 def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, spec: DefenseSpec | None = None) -> Path:
     """Base → alignment → defense, each stage built once per configuration and shared through the cache; ``spec``
-    is :func:`check_stages`' result (checked again from ``cfg`` when not given)."""
+    is :func:`defense_spec`'s result (checked again from ``cfg`` when not given)."""
     spec = spec or defense_spec(cfg)
     if spec.trap_check is not None:  # enough of the defender's data for the red team, before any stage runs
         trap_check_data(bundle, spec.trap_check)

@@ -83,25 +83,22 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-EVAL_DEVICES = "auto, cpu, cuda or cuda:N"
-
-
 def check_eval_device(cfg: DictConfig) -> str:
     """``eval.device`` is one of auto, cpu, cuda, cuda:N (whether CUDA is there is asked once torch is imported:
     ``cli_common.eval_device``)."""
     choice = str(cfg.eval.get("device", "auto"))
     if choice not in ("auto", "cpu", "cuda") and not choice.startswith("cuda:"):
-        raise UserError(f"eval.device={choice}: expected {EVAL_DEVICES}")
+        raise UserError(f"eval.device={choice}: expected auto, cpu, cuda or cuda:N")
     return choice
 
 
 def check_stage_settings(cfg: DictConfig) -> None:
     """The settings of the base -> alignment stages (trainer, optimisers, a local ``model.path``), before any work;
-    the defense's parameters follow once torch is imported (``cli_common.check_stages``)."""
+    the defense's parameters follow once torch is imported (``cli_common.defense_spec``)."""
     check_branch_threads(trainer_config(cfg))
     check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
     if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
-        check_model_path(cfg.model.path, "model.path")
+        check_model_location(cfg.model.path, "model.path")
 
 
 def check_branch_threads(trainer: TrainerConfig) -> None:
@@ -110,11 +107,6 @@ def check_branch_threads(trainer: TrainerConfig) -> None:
         raise UserError(f"trainer.branch_threads={trainer.branch_threads} runs a step's branches as threads of one "
                         f"process in fp32: it needs trainer.precision=32-true and trainer.devices=1 (got "
                         f"{trainer.precision}, {trainer.devices})")
-
-
-def check_model_path(model_path, key: str) -> None:
-    """A local model directory and its files checked before any work (a hub id is left to the loader)."""
-    check_model_location(str(model_path), key)
 
 
 def check_launch(cfg: DictConfig) -> None:

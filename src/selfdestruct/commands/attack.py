@@ -15,6 +15,7 @@ from selfdestruct import cli_config as checks
 from selfdestruct.data.real import take
 from selfdestruct.errors import UserError
 from selfdestruct.eval.objective import AttackObjective, attack_success
+from selfdestruct.models.files import check_model_location
 from selfdestruct.pipeline.config import AttackConfig
 from selfdestruct.utils.cache import cached_dir
 from selfdestruct.utils.io import write_json_atomic
@@ -89,14 +90,15 @@ def attack(cfg: DictConfig) -> dict:
     checks.check_launch(cfg)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     objective = attack_objective(cfg)
-    checks.trainer_config(cfg), checks.check_eval_device(cfg)
+    trainer = checks.trainer_config(cfg)
+    checks.check_eval_device(cfg)
     bundle = checks.data_bundle(cfg)
     attack_seed = int(cfg.seed) if spec.seed is None else spec.seed  # the defended model keeps the run's seed
     examples = attack_examples(bundle, spec, attack_seed)
     if cfg.model_path == "defend":  # the stages this cell would build: their settings (the defense's follow)
         checks.check_stage_settings(cfg)
     else:  # model files checked before any training (after the data they are used with)
-        checks.check_model_path(cfg.model_path, "model_path")
+        check_model_location(cfg.model_path, "model_path")
     # Every check above runs without torch (about a second for bad input); the work imports it from here on.
     from selfdestruct import cli_common as cc
     from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
@@ -113,7 +115,7 @@ def attack(cfg: DictConfig) -> dict:
     evaluate = cc.evaluator(cfg, tokenizer, bundle)
     pre, pre_samples = pre_attack_evaluation(cfg, model_path, lambda: evaluate(model, "pre-attack"))
     ckpt_key = {"overrides": identity_overrides(), "model": checkpoint_id(Path(model_path))}
-    attacked = run_attack(model, tokenizer, examples, spec, checks.trainer_config(cfg), loggers, run_dir,
+    attacked = run_attack(model, tokenizer, examples, spec, trainer, loggers, run_dir,
                           attack_seed, checks.prompt_format(cfg), ckpt_key=ckpt_key)
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfdestruct import cli_config as checks
 from selfdestruct.errors import UserError
+from selfdestruct.models.files import check_model_location
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import hydra_output_dir, run_job
 from selfdestruct.utils.provenance import environment
@@ -23,7 +24,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = hydra_output_dir()
     checks.check_eval_device(cfg)
     bundle = checks.data_bundle(cfg)
-    checks.check_model_path(cfg.model_path, "model_path")
+    check_model_location(cfg.model_path, "model_path")
     # Every check above runs without torch (about a second for bad input); the work imports it from here on.
     import pytorch_lightning as pl
 

@@ -18,7 +18,7 @@ def check_model_location(model_dir: str | Path, key: str) -> Path | str:
     """Where ``model_dir`` loads from: a local directory whose files pass :func:`check_model_files`, or a hub id
     (``org/name``, left to transformers, online only) when no such local path exists. Raises UserError naming
     ``key`` otherwise."""
-    path = Path(model_dir).expanduser()
+    path = Path(str(model_dir)).expanduser()
     if not path.exists() and _looks_like_hub_id(str(model_dir)):
         return str(model_dir)
     if not path.is_dir():
