@@ -221,11 +221,13 @@ def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
     paths = sorted(by_path)
     reports = {path: build_report(roots, by_path[path]) for path in paths}
     table = {path: {(row.seed, row.defense): row for row in acceptance.rows(reports[path])} for path in paths}
-    won = {path: {(j.run.seed, j.run.defense, j.run.attack_kind or "harmful", j.run.lr, j.run.num_samples,
-                   j.run.epochs, j.run.attack_seed):
-                  j.verdict in DEFENDER_WINS for j in reports[path].judged
-                  if j.run.stage == "attack" and (j.run.attack_kind or "harmful") in HARMFUL_KINDS}
-           for path in paths}
+    won: dict[str, dict[tuple, dict[tuple, bool]]] = {path: {} for path in paths}  # path -> (seed, defense) -> cell
+    for path in paths:
+        for j in reports[path].judged:
+            kind = j.run.attack_kind or "harmful"
+            if j.run.stage == "attack" and kind in HARMFUL_KINDS:
+                cell = (kind, j.run.lr, j.run.num_samples, j.run.epochs, j.run.attack_seed)
+                won[path].setdefault((j.run.seed, j.run.defense), {})[cell] = j.verdict in DEFENDER_WINS
     keys = sorted({key for rows in table.values() for key in rows}, key=lambda k: (k[0], k[1] != "sft", k[1]))
     lines = ["The same seed on each CPU kernel path (fresh caches; no-win · pre-attack utility · benign task "
              "accuracy; cells won on one path only: the grid cells whose verdict, won or not, differs between the "
@@ -236,7 +238,7 @@ def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
         cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · {r.task_accuracy:.3f}" for r in rows]
         counts = [r.won for r in rows if r is not None]
         difference = max(counts) - min(counts) if len(counts) == len(rows) else "—"  # only where every path ran
-        grids = [{cell[2:]: w for cell, w in won[path].items() if cell[:2] == (seed, defense)} for path in paths]
+        grids = [won[path].get((seed, defense), {}) for path in paths]
         common = set.intersection(*(set(g) for g in grids))
         differ = sum(len({g[c] for g in grids}) > 1 for c in common) if len(counts) == len(rows) else "—"
         lines.append(f"| {seed} | {defense} | " + " | ".join(cells) + f" | {difference} | {differ} |")
