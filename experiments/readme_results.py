@@ -235,7 +235,8 @@ def kernel_table(roots: list[Path]) -> tuple[list[str], list[dict]]:
              "path only |", "|---|---|" + "---|" * len(paths) + "---|---|"]
     for seed, defense in keys:
         rows = [table[path].get((seed, defense)) for path in paths]
-        cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · {r.task_accuracy:.3f}" for r in rows]
+        cells = ["—" if r is None else f"{r.won}/{r.cells} · {r.utility:.3f} · " +
+                 ("—" if r.task_accuracy is None else f"{r.task_accuracy:.3f}") for r in rows]  # —: no benign run
         counts = [r.won for r in rows if r is not None]
         difference = max(counts) - min(counts) if len(counts) == len(rows) else "—"  # only where every path ran
         grids = [won[path].get((seed, defense), {}) for path in paths]

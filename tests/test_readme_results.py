@@ -135,6 +135,11 @@ def test_kernel_path_table_puts_each_path_in_its_own_column(tmp_path):
             "only |") in lines
     # native: cells 0, 1 broken, 2 won; portable: cell 0 broken, 1 and 2 won -> cell 1 is won on one path only
     assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · 1.000 | 1 | 1 |" in lines
+    # a path whose runs are the grid only (no benign fine-tune): its accuracy reads "—", its counts stay compared
+    for metrics_file in (tmp_path / "portable" / "benign").rglob("metrics.json"):
+        metrics_file.unlink()
+    lines, _ = gen.kernel_table(dirs)
+    assert "| 0 | sft | 1/3 · 0.900 · 1.000 | 2/3 · 0.900 · — | 1 | 1 |" in lines
 
 
 def test_search_table_names_each_defenses_worst_attack_and_its_break_budget(tmp_path):
