@@ -280,8 +280,8 @@ def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_mode
 @pytest.mark.parametrize(("wins", "released"), [([4], 0), ([2, 3], 1), ([2, 1, 2], 0), ([0, 1, 2], 2)])
 def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_the_best(tmp_path, monkeypatch, wins,
                                                                                          released):
-    """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first whose
-    red team wins fallback_at cells is released, else the one that won most, the earlier on a tie."""
+    """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first that
+    wins fallback_at of its red team's cells is released, else the one that won most, the earlier on a tie."""
     import json
 
     from selfdestruct.pipeline import stages

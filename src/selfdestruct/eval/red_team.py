@@ -58,7 +58,7 @@ class TrapCheckConfig:
     stop_at: int | None = None  # stop the defense at the first checked epoch end that wins >= stop_at cells;
     #                             null: measure and log only (the training and the released weights are unchanged)
     fallback: list[dict] = field(default_factory=list)  # defense.params overrides of settings tried in turn, each
-    #   trained with this check, while the last one's red team (its last check) wins fewer than fallback_at cells;
+    #   trained with this check, while the last one wins fewer than fallback_at of its red team's cells (last check);
     #   the first that reaches it is released, else the one that won most (the earlier on a tie). []: none
     fallback_at: int = 8
 
@@ -134,7 +134,7 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
 
 def released_setting(wins: Sequence[int], fallback_at: int) -> int:
     """Which of the settings tried in turn (``wins``: each one's red-team no-win, in order) a fallback releases: the
-    first whose red team won ``fallback_at`` cells, else the one that won most, the earlier on a tie."""
+    first that won ``fallback_at`` of its red team's cells (no-win), else the one that won most, the earlier on a tie."""
     reached = [i for i, won in enumerate(wins) if won >= fallback_at]
     return reached[0] if reached else max(range(len(wins)), key=lambda i: (wins[i], -i))
 
