@@ -96,7 +96,8 @@ def test_utility_tasks_validation_judges_on_the_data_sources_validation_tasks_an
 def test_utility_tasks_enters_the_cache_key_only_when_it_is_not_the_default():
     default = TrapCheckConfig(**SMALL)
     assert default.cache_key() == {**{k: v for k, v in dataclasses.asdict(default).items()
-                                      if k not in ("utility_tasks", "fallback", "fallback_at")}, "judges": "released"}
+                                      if k not in ("utility_tasks", "fallback", "fallback_at", "reseed")},
+                                   "judges": "released"}
     assert TrapCheckConfig(**SMALL, utility_tasks="validation").cache_key()["utility_tasks"] == "validation"
 
 
@@ -309,6 +310,58 @@ def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_t
     assert [s.parsed.lam for s in built] == [0.3, 0.3, 0.5][:len(wins)]
 
 
+@pytest.mark.parametrize(("defense_seed", "wins", "released", "seeds"), [
+    (None, [2, 1, 3], 2, [None, None, 1007]),         # the first retry reaches fallback_at: released, no second
+    (5, [0, 2, 1, 2], 1, [5, 5, 1005, 2005]),         # none reaches it: the one that won most, the earlier on a tie
+    (None, [3], 0, [None]),                           # the configured setting reaches it: nothing else is trained
+])
+def test_reseed_retries_the_configured_setting_with_other_defense_seeds_after_the_fallbacks(
+        tmp_path, monkeypatch, defense_seed, wins, released, seeds):
+    """defense.trap_check.reseed: after the fallback settings, the configured params again with the defense seed
+    (the run's when defense.seed is null) + 1000 k, each a plain trap-checked defense, released by the same rule."""
+    import json
+    from types import SimpleNamespace
+
+    from selfdestruct.pipeline import stages
+
+    check = TrapCheckConfig(**SMALL, fallback=[{"lam": 0.5}], fallback_at=3, reseed=2)
+    wins_of = iter(wins)
+    built = []
+
+    def trained(ctx, aligned, setting, evaluate, make_evaluator):
+        built.append(setting)
+        out = tmp_path / f"setting{len(built)}"
+        out.mkdir()
+        (out / "selfdestruct.json").write_text(json.dumps({"trap_check": [{"no_win": next(wins_of), "cells": 4}]}))
+        return out
+
+    monkeypatch.setattr(stages, "trained_defense_dir", trained)
+    spec = stages.DefenseSpec(name="ctrap", params={"lam": 0.3}, trap_check=check, seed=defense_seed)
+    model = stages.defended_model_dir(SimpleNamespace(seed=7), tmp_path, spec, evaluate=None)
+    assert model == tmp_path / f"setting{released + 1}"
+    assert [s.seed for s in built] == seeds
+    assert [s.params["lam"] for s in built] == [0.3, 0.5, 0.3, 0.3][:len(wins)]
+    assert all(s.trap_check == dataclasses.replace(check, fallback=[], reseed=0) for s in built)
+
+
+def test_a_reseed_retry_is_the_entry_the_explicit_defense_seed_command_builds(tmp_path):
+    """Retry k of `experiment=nowin_reseed` on seed 10 has the defense stage's configuration (hence cache key) of
+    `defense=ctrap_tuned defense.seed=1010 'defense.trap_check={from_epoch:3}'`, the runs that measured it."""
+    from helpers import compose_config
+
+    from selfdestruct import cli_common as cc
+    from selfdestruct.eval.red_team import RESEED_STEP
+
+    spec = cc.defense_spec(compose_config("attack", ["defense=ctrap_tuned", "experiment=nowin_reseed", "seed=10"],
+                                          tmp_path))
+    assert spec.trap_check == TrapCheckConfig(from_epoch=3, reseed=2) and spec.seed is None
+    explicit = cc.defense_spec(compose_config("attack", ["defense=ctrap_tuned", f"defense.seed={10 + RESEED_STEP}",
+                                                         "defense.trap_check={from_epoch:3}", "seed=10"], tmp_path))
+    retry = dataclasses.replace(spec, trap_check=dataclasses.replace(spec.trap_check, reseed=0), seed=10 + RESEED_STEP)
+    assert retry == explicit
+    assert retry.trap_check.cache_key() == explicit.trap_check.cache_key()
+
+
 def test_a_fallback_setting_is_keyed_as_the_plain_check_of_that_setting():
     with_fallback = TrapCheckConfig(from_epoch=3, fallback=[{"radii": [0.002, 0.006]}])
     assert with_fallback.cache_key() == TrapCheckConfig(from_epoch=3).cache_key()
@@ -316,7 +369,9 @@ def test_a_fallback_setting_is_keyed_as_the_plain_check_of_that_setting():
 
 @pytest.mark.parametrize("bad,needle", [({"fallback": [{}]}, "fallback=[{}]: expected a list of non-empty maps"),
                                         ({"fallback": {"lam": 1}}, "fallback={'lam': 1}: expected a list"),
-                                        ({"fallback": [{"lam": 1}], "fallback_at": 5}, "fallback_at=5")])
+                                        ({"fallback": [{"lam": 1}], "fallback_at": 5}, "fallback_at=5"),
+                                        ({"reseed": 2, "fallback_at": 5}, "fallback_at=5"),
+                                        ({"reseed": -1}, "reseed=-1"), ({"reseed": 1.5}, "reseed=1.5")])
 def test_fallback_config_refuses_what_would_not_run(bad, needle):
     with pytest.raises(FieldError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")
                        .replace("}", r"\}")):

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 UTILITY_TASKS = ("align", "validation")
 
 
+RESEED_STEP = 1000  # defense.trap_check.reseed: retry k trains with the defense's seed + k * RESEED_STEP
+
+
 @dataclass(frozen=True)
 class TrapCheckConfig:
     """``defense.trap_check``: the red team's grid, its data and when the defense stage runs it. Defaults: the
@@ -61,6 +64,9 @@ class TrapCheckConfig:
     #   trained with this check, while the last one wins fewer than fallback_at of its red team's cells (last check);
     #   the first that reaches it is released, else the one that won most (the earlier on a tie). []: none
     fallback_at: int = 8
+    reseed: int = 0  # after the fallback settings, up to this many retries of the configured setting along another
+    #   training path (defense seed: the defense's seed + 1000 k, k = 1..reseed; base and aligned model unchanged),
+    #   while no setting tried has won fallback_at cells; released by the same rule. 0: none
 
     def __post_init__(self) -> None:
         if not self.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
@@ -79,14 +85,16 @@ class TrapCheckConfig:
         if not isinstance(self.fallback, (list, tuple)) or not all(isinstance(o, dict) and o for o in self.fallback):
             raise FieldError("fallback", self.fallback, "expected a list of non-empty maps of defense.params "
                              "overrides, e.g. [{radii: [0.002, 0.006]}]")
-        check_number(self, "fallback_at", low=1, high=self.num_cells if self.fallback else None, integer=True)
+        check_number(self, "reseed", low=0, integer=True)
+        check_number(self, "fallback_at", low=1, high=self.num_cells if self.fallback or self.reseed else None,
+                     integer=True)
 
     def cache_key(self) -> dict:
         """The fields that change what a check measures, for the defend stage's cache key (each setting of a
-        fallback is its own entry, keyed as a plain check); ``utility_tasks`` only when it is not the default, so
-        that entries cached before the option keep their keys."""
+        fallback, and each retry, is its own entry, keyed as a plain check); ``utility_tasks`` only when it is not
+        the default, so that entries cached before the option keep their keys."""
         key = dataclasses.asdict(self)
-        del key["fallback"], key["fallback_at"]
+        del key["fallback"], key["fallback_at"], key["reseed"]
         if key["utility_tasks"] == "align":
             del key["utility_tasks"]
         key["judges"] = "released"  # the last result judges the released weights (entries from before did not)

@@ -132,30 +132,34 @@ class DefenseSpec:
 def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,
                        make_evaluator=None) -> Path:
     """The released model of ``defense`` applied to ``aligned_dir``: :func:`trained_defense_dir`'s, or with
-    ``defense.trap_check.fallback`` the one its red team chooses among the settings tried in turn (each one a cached
+    ``defense.trap_check.fallback`` / ``reseed`` the one its red team chooses among the settings tried in turn: the
+    configured one, each fallback's params, then the configured params with other defense seeds (each one a cached
     entry of its own, keyed as a plain check of that setting)."""
     check = defense.trap_check
-    if check is None or not check.fallback:
+    if check is None or not (check.fallback or check.reseed):
         return trained_defense_dir(ctx, aligned_dir, defense, evaluate, make_evaluator)
-    from selfdestruct.eval.red_team import released_setting
+    from selfdestruct.eval.red_team import RESEED_STEP, released_setting
     from selfdestruct.pipeline.defense import parse_params
 
-    plain = dataclasses.replace(check, fallback=[])
-    settings = [{}, *check.fallback]
+    plain = dataclasses.replace(check, fallback=[], reseed=0)
+    settings = [({}, defense.seed), *((o, defense.seed) for o in check.fallback),
+                *(({}, (ctx.seed if defense.seed is None else defense.seed) + k * RESEED_STEP)
+                  for k in range(1, check.reseed + 1))]
     models, wins = [], []
-    for overrides in settings:
+    for overrides, defense_seed in settings:
         params = {**defense.params, **overrides}
         setting = dataclasses.replace(defense, params=params, parsed=parse_params(defense.name, params),
-                                      trap_check=plain)
+                                      trap_check=plain, seed=defense_seed)
         models.append(trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator))
         wins.append(read_provenance(models[-1])["trap_check"][-1]["no_win"])
-        log.info("defense.trap_check.fallback: params overrides %s: red team %d of %d", overrides or "none",
-                 wins[-1], check.num_cells)
+        log.info("defense.trap_check: params overrides %s, defense seed %s: no-win in %d of the red team's %d cells",
+                 overrides or "none", "the run's" if defense_seed is None else defense_seed, wins[-1], check.num_cells)
         if wins[-1] >= check.fallback_at:
             break
     best = released_setting(wins, check.fallback_at)
-    log.info("defense.trap_check.fallback: releasing setting %d of %d tried (%s)", best + 1, len(models),
-             settings[best] or "the configured params")
+    overrides, defense_seed = settings[best]
+    log.info("defense.trap_check: releasing setting %d of %d tried (%s, defense seed %s)", best + 1, len(models),
+             overrides or "the configured params", "the run's" if defense_seed is None else defense_seed)
     return models[best]
 
 
