@@ -278,19 +278,10 @@ def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_mode
     assert result["epoch"] == 1 and result["cells"] == 2 and [c["steps"] for c in result["grid"]] == [1, 2]
 
 
-@pytest.mark.parametrize(("wins", "released"), [([4], 0), ([2, 3], 1), ([2, 1, 2], 0), ([0, 1, 2], 2)])
-def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_the_best(tmp_path, monkeypatch, wins,
-                                                                                         released):
-    """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first that
-    wins fallback_at of its red team's cells is released, else the one that won most, the earlier on a tie."""
+def _fake_trained_defenses(tmp_path, wins_of, built):
+    """A stand-in for stages.trained_defense_dir: records each setting, writes a model dir whose last trap check won
+    the next of ``wins_of``."""
     import json
-
-    from selfdestruct.pipeline import stages
-
-    fallback = [{"radii": [0.002, 0.006]}, {"lam": 0.5}]
-    check = TrapCheckConfig(**SMALL, fallback=fallback, fallback_at=3)  # 3 of the small grid's 4 cells
-    wins_of = iter(wins)  # each setting's red team, in turn
-    built = []
 
     def trained(ctx, aligned, setting, evaluate, make_evaluator):
         built.append(setting)
@@ -299,7 +290,23 @@ def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_t
         (out / "selfdestruct.json").write_text(json.dumps({"trap_check": [{"no_win": next(wins_of), "cells": 4}]}))
         return out
 
-    monkeypatch.setattr(stages, "trained_defense_dir", trained)
+    return trained
+
+
+@pytest.mark.parametrize(("wins", "released"), [([4], 0), ([2, 3], 1), ([2, 1, 2], 0), ([0, 1, 2], 2)])
+def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_the_best(tmp_path, monkeypatch, wins,
+                                                                                         released):
+    """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first that
+    wins fallback_at of its red team's cells is released, else the one that won most, the earlier on a tie."""
+
+    from selfdestruct.pipeline import stages
+
+    fallback = [{"radii": [0.002, 0.006]}, {"lam": 0.5}]
+    check = TrapCheckConfig(**SMALL, fallback=fallback, fallback_at=3)  # 3 of the small grid's 4 cells
+    wins_of = iter(wins)  # each setting's red team, in turn
+    built = []
+
+    monkeypatch.setattr(stages, "trained_defense_dir", _fake_trained_defenses(tmp_path, wins_of, built))
     spec = stages.DefenseSpec(name="ctrap", params={"lam": 0.3, "radii": [0.002, 0.004]}, trap_check=check)
     model = stages.defended_model_dir(None, tmp_path, spec, evaluate=None)
     assert model == tmp_path / f"setting{released + 1}"
@@ -319,7 +326,6 @@ def test_reseed_retries_the_configured_setting_with_other_defense_seeds_after_th
         tmp_path, monkeypatch, defense_seed, wins, released, seeds):
     """defense.trap_check.reseed: after the fallback settings, the configured params again with the defense seed
     (the run's when defense.seed is null) + 1000 k, each a plain trap-checked defense, released by the same rule."""
-    import json
     from types import SimpleNamespace
 
     from selfdestruct.pipeline import stages
@@ -328,14 +334,7 @@ def test_reseed_retries_the_configured_setting_with_other_defense_seeds_after_th
     wins_of = iter(wins)
     built = []
 
-    def trained(ctx, aligned, setting, evaluate, make_evaluator):
-        built.append(setting)
-        out = tmp_path / f"setting{len(built)}"
-        out.mkdir()
-        (out / "selfdestruct.json").write_text(json.dumps({"trap_check": [{"no_win": next(wins_of), "cells": 4}]}))
-        return out
-
-    monkeypatch.setattr(stages, "trained_defense_dir", trained)
+    monkeypatch.setattr(stages, "trained_defense_dir", _fake_trained_defenses(tmp_path, wins_of, built))
     spec = stages.DefenseSpec(name="ctrap", params={"lam": 0.3}, trap_check=check, seed=defense_seed)
     model = stages.defended_model_dir(SimpleNamespace(seed=7), tmp_path, spec, evaluate=None)
     assert model == tmp_path / f"setting{released + 1}"
