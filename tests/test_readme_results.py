@@ -50,6 +50,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("avx2-seeds-23-24", "avx2_seeds_23_24.md", "avx2_seeds_23_24"),
         ("kernel-paths-held-sft", "kernel_paths_held_sft.md", "kernel_paths_held_sft"),
         ("kernel-paths-sft-20-21", "kernel_paths_sft_20_21.md", "kernel_paths_sft_20_21"),
+        ("attack-path-ctrap", "attack_path_ctrap.md", "attack_path_ctrap"),
     )},
 }
 
