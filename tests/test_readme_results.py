@@ -51,6 +51,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("kernel-paths-held-sft", "kernel_paths_held_sft.md", "kernel_paths_held_sft"),
         ("kernel-paths-sft-20-21", "kernel_paths_sft_20_21.md", "kernel_paths_sft_20_21"),
         ("attack-path-ctrap", "attack_path_ctrap.md", "attack_path_ctrap"),
+        ("kernel-paths-held-tuned", "kernel_paths_held_tuned.md", "kernel_paths_held_tuned"),
         ("cascade-reseed-10-14", "cascade_reseed_10_14.md", "cascade_reseed_10_14"),
         ("cascade-reseed-25-29", "cascade_reseed_25_29.md", "cascade_reseed_25_29"),
     )},
