@@ -142,7 +142,8 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
 
 def released_setting(wins: Sequence[int], fallback_at: int) -> int:
     """Which of the settings tried in turn (``wins``: each one's red-team no-win, in order) a fallback releases: the
-    first that won ``fallback_at`` of its red team's cells (no-win), else the one that won most, the earlier on a tie."""
+    first that won ``fallback_at`` of its red team's cells (no-win), else the one that won most, the earlier on a
+    tie."""
     reached = [i for i, won in enumerate(wins) if won >= fallback_at]
     return reached[0] if reached else max(range(len(wins)), key=lambda i: (wins[i], -i))
 

@@ -85,9 +85,9 @@ class TrapCheck(pl.Callback):
     the end of every defense epoch from ``from_epoch`` on. Each check is logged (``trap_check/no_win``,
     ``trap_check/utility``, ``trap_check/harmful_score``: the model's own numbers on the validation sets before the
     red team's attacks) and kept in :attr:`results`; with ``stop_at`` the defense ends at the first checked epoch end
-    where the model wins at least that many of the red team's cells (no-win), and those weights are released. The checks neither consume the
-    training's random numbers nor change its weights, so without ``stop_at`` the released model is the one the
-    defense releases without the check. Where that is not the last iterate (``optim.ema_decay``, or
+    where the model wins at least that many of the red team's cells (no-win), and those weights are released. The
+    checks neither consume the training's random numbers nor change its weights, so without ``stop_at`` the released
+    model is the one the defense releases without the check. Where that is not the last iterate (``optim.ema_decay``, or
     ``optim.spike_rollback`` undoing a late spike), :meth:`judge_released` checks it too, so the last result is the
     released model's. A defense that ``stop_at`` ends before its last epoch releases the last iterate (the weights
     the check judged): the rollback keeps copies of the stage's last steps only. ``threads``
@@ -120,8 +120,8 @@ class TrapCheck(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         stop = self.cfg.stop_at is not None and result["no_win"] >= self.cfg.stop_at
-        log.info("trap check after epoch %d: no-win in %d of the red team's %d cells (utility %.3f, harmful score %.3f on "
-                 "the validation sets)%s", epoch, result["no_win"], result["cells"], result["pre"]["utility"],
+        log.info("trap check after epoch %d: no-win in %d of the red team's %d cells (utility %.3f, harmful score "
+                 "%.3f on the validation sets)%s", epoch, result["no_win"], result["cells"], result["pre"]["utility"],
                  result["pre"]["harmful_score"], f"; stop_at={self.cfg.stop_at}: the defense ends here" if stop else "")
         if stop:
             trainer.should_stop = True
