@@ -298,7 +298,6 @@ def test_fallback_trains_settings_in_turn_until_the_red_team_wins_and_releases_t
                                                                                          released):
     """defense.trap_check.fallback: each setting is a plain trap-checked defense (its own cache entry); the first that
     wins fallback_at of its red team's cells is released, else the one that won most, the earlier on a tie."""
-
     from selfdestruct.pipeline import stages
 
     fallback = [{"radii": [0.002, 0.006]}, {"lam": 0.5}]
