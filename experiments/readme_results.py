@@ -425,30 +425,40 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
              "| utility after benign (/ SFT) | released meets the bars | first alone meets the bars |",
              "|---|---|" + "---|" * len(steps) + "---|---|---|---|---|---|---|---|"]
     outcomes = []  # per seed: (the released model's row, the first setting's row, whether each meets the bars)
+    unfinished = []  # seeds whose cascade or SFT run has not finished: their finished steps shown, no verdict
     seeds = sorted(int(d.name[1:]) for d in steps[0].glob("s*") if d.name[1:].isdigit())
     for seed in seeds:
-        checked = []  # the last trap check of each setting tried on this seed, in order
+        checked, finished = [], True  # the last trap check of each setting tried on this seed, in order
         for step in steps:
-            model = step / f"s{seed}" / "defend" / "model"
-            if not model.is_dir():
+            if not (step / f"s{seed}" / "DONE").is_file():  # candidate.sh writes it after the benign fine-tune
+                finished = False
                 break
-            checked.append(read_provenance(model)["trap_check"][-1])
+            checked.append(read_provenance(step / f"s{seed}" / "defend" / "model")["trap_check"][-1])
             if checked[-1]["no_win"] >= threshold:
                 break
+        sft_row = baseline.get(seed)
+        sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
+        red = [f"{c['no_win']}/{c['cells']}" for c in checked] + ["not finished"] * (not finished)
+        red += ["not run"] * (len(steps) - len(red))
+        if not finished or not any((root / f"s{seed}" / "DONE").is_file() for root in sft):
+            unfinished.append(seed)
+            alone = defended(steps[0] / f"s{seed}") if checked else None
+            lines.append(f"| {seed} | {sft_won} | " + " | ".join(red) + " | not finished | " +
+                         (f"{alone.won}/{alone.cells}" if alone else "—") + " |" + " — |" * 6)
+            continue
         released = steps[released_setting([c["no_win"] for c in checked], threshold)]
         first, chosen = defended(steps[0] / f"s{seed}"), defended(released / f"s{seed}")
-        sft_row = baseline.get(seed)
         passes = chosen.passes(sft_row), first.passes(sft_row)
         outcomes.append((chosen, first, passes))
-        sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
-        red = [f"{c['no_win']}/{c['cells']}" for c in checked] + ["not run"] * (len(steps) - len(checked))
         lines.append(f"| {seed} | {sft_won} | " + " | ".join(red) + f" | {released.name} | {first.won}/{first.cells} | "
                      f"{chosen.won}/{chosen.cells} | " + " | ".join(acceptance.value_cells(chosen, sft_row)) + " | " +
                      " | ".join("yes" if p else "**no**" for p in passes) + " |")
-    lines += ["", f"Released models meet every bar on {sum(o[2][0] for o in outcomes)} of {len(seeds)} seeds "
+    lines += ["", f"Released models meet every bar on {sum(o[2][0] for o in outcomes)} of {len(outcomes)} seeds "
               f"(`{steps[0].name}` alone: {sum(o[2][1] for o in outcomes)}); no-win cells in total: released "
               f"{sum(o[0].won for o in outcomes)}, `{steps[0].name}` alone {sum(o[1].won for o in outcomes)}, of "
-              f"{sum(o[0].cells for o in outcomes)}."]
+              f"{sum(o[0].cells for o in outcomes)}." + (
+                  f" Not finished (no verdict): seed{'s' * (len(unfinished) > 1)} "
+                  f"{', '.join(map(str, unfinished))}." if unfinished else "")]
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
 
 

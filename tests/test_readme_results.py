@@ -378,29 +378,37 @@ def test_geometry_table_puts_each_models_held_out_cosine_beside_what_its_grid_di
 def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_and_counts_both_ways(tmp_path):
     gen = _generator()
 
-    def setting(name: str, seed: int, red_team: int, safe_cells: int, utility: float = 0.9) -> None:
+    def setting(name: str, seed: int, red_team: int, safe_cells: int, utility: float = 0.9, done: bool = True):
         root = tmp_path / name / f"s{seed}"
         _setting_runs(root, "trap", seed, utility, safe_cells, [])
         (root / "defend" / "model").mkdir(parents=True)
         (root / "defend" / "model" / "selfdestruct.json").write_text(json.dumps(
             {"seed": seed, "defense": "trap", "trap_check": [{"epoch": 3, "no_win": red_team, "cells": 9}]}))
+        if done:  # candidate.sh's mark that the benign fine-tune, its last run, finished
+            (root / "DONE").write_text(f"{name} seed {seed}: 1 s\n")
 
-    for seed in (1, 2, 3):
+    for seed in (1, 2, 3, 5):
         _setting_runs(tmp_path / "sft" / f"s{seed}", "sft", seed, 0.9, 2, [])
+        (tmp_path / "sft" / f"s{seed}" / "DONE").write_text("")
     setting("first", 1, 9, 9)  # its red team wins: released, the second setting is not tried
     setting("second", 1, 9, 0)  # (had it been, it would be worse: never read)
     setting("first", 2, 5, 4)
     setting("second", 2, 7, 8)  # more red-team wins than the first: released
     setting("first", 3, 6, 5)
     setting("second", 3, 6, 9, utility=0.5)  # a tie goes to the earlier setting
+    setting("first", 4, 9, 9)  # its cascade ends at step 1, but no SFT run for this seed yet: no verdict
+    setting("first", 5, 5, 4)
+    setting("second", 5, 9, 9, done=False)  # the second step still running: no verdict
     lines, metrics = gen.cascade_table([tmp_path / "first", tmp_path / "second"], [tmp_path / "sft"])
     text = "\n".join(lines)
+    assert "| 4 | — | 9/9 | not run | not finished | 9/9 |" + " — |" * 6 in text
+    assert "| 5 | 2/9 | 5/9 | not finished | not finished | 4/9 |" + " — |" * 6 in text
     assert "| 1 | 2/9 | 9/9 | not run | first | 9/9 | 9/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | yes |" in text
     assert "| 2 | 2/9 | 5/9 | 7/9 | second | 4/9 | 8/9 | 0.900 (1.00) | 1.000 (1.00) | 0.900 (1.00) | yes | **no** |" in text
     assert "| 3 | 2/9 | 6/9 | 6/9 | first | 5/9 | 5/9 |" in text
     assert lines[-1] == ("Released models meet every bar on 2 of 3 seeds (`first` alone: 1); no-win cells in total: "
-                         "released 22, `first` alone 18, of 27.")
-    assert len(metrics) == 3 * 3 * 10
+                         "released 22, `first` alone 18, of 27. Not finished (no verdict): seeds 4, 5.")
+    assert len(metrics) == 13 * 10  # every run read stamps the block: 9 complete settings, 4 on seeds 4-5
 
 
 @pytest.mark.parametrize(("first", "second", "released"), [(9, None, "ctrap_tuned_tc"), (5, 7, "ctrap_tuned_r6"),
@@ -432,6 +440,34 @@ def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_be
     if second is not None:
         assert calls[1].endswith("defense.params.radii=[0.002,0.006]")
     assert (out / "cascade.log").read_text() == f"seed 7: red team {first} of 9 for ctrap_tuned_tc; released {released}\n"
+
+
+@pytest.mark.parametrize(("wins", "best"), [((9,), 9), ((7, 8), 8), ((5, 3, 6), 6), ((3, 9), 9), ((5, 5, 5), 5)])
+def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_won_8(tmp_path, wins, best):
+    """experiments/nowin/reseed.sh with candidate.sh replaced by a stub that writes each step's trap check."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    shutil.copy(NOWIN / "reseed.sh", scripts)
+    names = ["ctrap_tuned_tc", "ctrap_tuned_reseed1", "ctrap_tuned_reseed2"]
+    (scripts / "candidate.sh").write_text(
+        'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
+        'echo "$*" >> "$out/calls"\n'
+        'case $name in ' + " ".join(f'{n}) won={w};;' for n, w in zip(names, wins)) + ' esac\n'
+        'echo "{\\"trap_check\\": [{\\"epoch\\": 3, \\"no_win\\": $won, \\"cells\\": 9}]}" '
+        '> "$out/$name/s$seed/defend/model/selfdestruct.json"\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", str(scripts / "reseed.sh"), str(out), "7"], check=True, capture_output=True, env=env)
+    calls = [c.split() for c in (out / "calls").read_text().splitlines()]
+    assert [c[1] for c in calls] == names[:len(wins)]
+    assert all(c[2:5] == ["7", "ctrap_tuned", "defense.trap_check={from_epoch:3}"] for c in calls)
+    assert [c[5:] for c in calls] == [[], ["defense.seed=1007"], ["defense.seed=2007"]][:len(wins)]
+    assert (out / "reseed.log").read_text() == f"seed 7: best red team {best} of 9\n"
 
 
 def test_the_stamp_names_each_machine_with_its_kernel_path():
