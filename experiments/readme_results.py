@@ -401,7 +401,8 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
     """A defender's cascade over settings tried in order, each ``OUT/SETTING`` of candidate.sh runs with
     ``defense.trap_check``: on each seed (the ``sSEED`` directories of the first setting) it releases the first
     setting whose red team (the last trap check) wins ``threshold`` cells, else the one whose red team won most (the
-    earlier on a tie). The released models' rows against SFT's runs of the same seed, beside the first setting's."""
+    earlier on a tie). The released models' rows against SFT's runs of the same seed, beside the first setting's. A
+    seed whose cascade or SFT run has not finished (no candidate.sh ``DONE``) is shown without a verdict."""
     from selfdestruct.eval.red_team import released_setting
     from selfdestruct.models.io import read_provenance
     from selfdestruct.report import acceptance, build_report, collect
