@@ -425,7 +425,8 @@ def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_be
 
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    shutil.copy(NOWIN / "cascade.sh", scripts)
+    for script in ("cascade.sh", "release.sh"):
+        shutil.copy(NOWIN / script, scripts)
     wins = {"ctrap_tuned_tc": first, "ctrap_tuned_r6": second}
     (scripts / "candidate.sh").write_text(
         'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
@@ -441,11 +442,14 @@ def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_be
     assert "defense.trap_check={from_epoch:3}" in calls[0]
     if second is not None:
         assert calls[1].endswith("defense.params.radii=[0.002,0.006]")
-    assert (out / "cascade.log").read_text() == f"seed 7: red team {first} of 9 for ctrap_tuned_tc; released {released}\n"
+    ran = "ctrap_tuned_tc" + (", ctrap_tuned_r6" if second is not None else "")
+    won = f"{first}" + (f", {second}" if second is not None else "")
+    assert (out / "release.log").read_text() == f"seed 7: red team {won} of 9 ({ran}); released {released}\n"
 
 
-@pytest.mark.parametrize(("wins", "best"), [((9,), 9), ((7, 8), 8), ((5, 3, 6), 6), ((3, 9), 9), ((5, 5, 5), 5)])
-def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_won_8(tmp_path, wins, best):
+@pytest.mark.parametrize(("wins", "released"), [((9,), 0), ((7, 8), 1), ((5, 3, 6), 2), ((3, 9), 1), ((5, 5, 5), 0),
+                                              ((6, 7, 7), 1)])
+def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_won_8(tmp_path, wins, released):
     """experiments/nowin/reseed.sh with candidate.sh replaced by a stub that writes each step's trap check."""
     import os
     import shutil
@@ -454,7 +458,8 @@ def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_
 
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    shutil.copy(NOWIN / "reseed.sh", scripts)
+    for script in ("reseed.sh", "release.sh"):
+        shutil.copy(NOWIN / script, scripts)
     names = ["ctrap_tuned_tc", "ctrap_tuned_reseed1", "ctrap_tuned_reseed2"]
     (scripts / "candidate.sh").write_text(
         'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
@@ -469,7 +474,10 @@ def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_
     assert [c[1] for c in calls] == names[:len(wins)]
     assert all(c[2:5] == ["7", "ctrap_tuned", "defense.trap_check={from_epoch:3}"] for c in calls)
     assert [c[5:] for c in calls] == [[], ["defense.seed=1007"], ["defense.seed=2007"]][:len(wins)]
-    assert (out / "reseed.log").read_text() == f"seed 7: best red team {best} of 9\n"
+    from selfdestruct.eval.red_team import released_setting
+    assert released_setting(wins, fallback_at=8) == released  # the script and the library release the same step
+    assert (out / "release.log").read_text() == (f"seed 7: red team {', '.join(map(str, wins))} of 9 "
+                                                 f"({', '.join(names[:len(wins)])}); released {names[released]}\n")
 
 
 def test_the_stamp_names_each_machine_with_its_kernel_path():
