@@ -483,6 +483,23 @@ def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_
                                                  f"({', '.join(names[:len(wins)])}); released {names[released]}\n")
 
 
+@pytest.mark.parametrize("later", ["ctrap_tuned_r6", ":defense.seed=5", "ctrap_tuned_r6:"])
+def test_release_script_rejects_a_later_step_that_is_not_name_colon_override_before_any_training(tmp_path, later):
+    import subprocess
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "release.sh").write_text((NOWIN / "release.sh").read_text())
+    (scripts / "candidate.sh").write_text('touch "$1/trained"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run(["bash", str(scripts / "release.sh"), str(out), "7", "ok:defense.seed=1", later],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert f"later step '{later}' is not NAME:OVERRIDE" in run.stderr
+    assert not (out / "trained").exists()
+
+
 def test_the_stamp_names_each_machine_with_its_kernel_path():
     gen = _generator()
     env = {"cpu": "AMD EPYC", "packages": {"torch": "2.13.0+cpu"}, "torch_threads": 1, "python": "3.11.7"}

@@ -9,7 +9,12 @@
 # fine-tune, which a defender would not run: they are here to judge the release). One line per seed is appended to
 # OUT/release.log; readme_results.py --cascade reads the released step from the runs, not from this log.
 set -euo pipefail
+usage="usage: bash experiments/nowin/release.sh OUT SEED [NAME:OVERRIDE ...]"
+if [ $# -lt 2 ]; then echo "$usage" >&2; exit 2; fi
 out=$1; seed=$2; shift 2
+for later in "$@"; do  # every later step checked before any training
+  if [[ $later != ?*:?* ]]; then echo "release.sh: later step '$later' is not NAME:OVERRIDE; $usage" >&2; exit 2; fi
+done
 here=$(dirname "$0")
 red() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['trap_check'][-1]['no_win'])" \
   "$out/$1/s$seed/defend/model/selfdestruct.json"; }
