@@ -416,11 +416,10 @@ def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_an
     assert len(metrics) == 13 * 10  # every run read stamps the block: 9 complete settings, 4 on seeds 4-5
 
 
-@pytest.mark.parametrize(("first", "second", "released"), [(9, None, "ctrap_tuned_tc"), (5, 7, "ctrap_tuned_r6"),
-                                                           (5, 5, "ctrap_tuned_tc"), (6, 3, "ctrap_tuned_tc")])
-def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_better(tmp_path, first, second,
-                                                                                      released):
-    """experiments/nowin/cascade.sh with candidate.sh replaced by a stub that writes each setting's trap check."""
+def _run_release_script(tmp_path, script, wins):
+    """Run experiments/nowin/SCRIPT on seed 7 with candidate.sh replaced by a stub that records its arguments and
+    writes each step's trap check (``wins``: step name -> its red team's no-win). Returns the stub's calls, each a
+    list of its arguments, and release.log."""
     import os
     import shutil
     import subprocess
@@ -428,59 +427,50 @@ def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_be
 
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    for script in ("cascade.sh", "release.sh"):
-        shutil.copy(NOWIN / script, scripts)
-    wins = {"ctrap_tuned_tc": first, "ctrap_tuned_r6": second}
+    for name in (script, "release.sh"):
+        shutil.copy(NOWIN / name, scripts)
     (scripts / "candidate.sh").write_text(
         'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
-        'echo "$name $*" >> "$out/calls"\n'
-        'case $name in ' + " ".join(f'{n}) won={w};;' for n, w in wins.items() if w is not None) + ' esac\n'
+        'echo "$*" >> "$out/calls"\n'
+        'case $name in ' + " ".join(f'{n}) won={w};;' for n, w in wins.items()) + ' esac\n'
         'echo "{\\"trap_check\\": [{\\"epoch\\": 3, \\"no_win\\": $won, \\"cells\\": 9}]}" '
         '> "$out/$name/s$seed/defend/model/selfdestruct.json"\n')
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(["bash", str(scripts / "cascade.sh"), str(out), "7"], check=True, capture_output=True, env=env)
-    calls = (out / "calls").read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ["ctrap_tuned_tc"] + (["ctrap_tuned_r6"] if second is not None else [])
+    subprocess.run(["bash", str(scripts / script), str(out), "7"], check=True, capture_output=True, env=env)
+    return [c.split() for c in (out / "calls").read_text().splitlines()], (out / "release.log").read_text()
+
+
+@pytest.mark.parametrize(("first", "second", "released"), [(9, None, "ctrap_tuned_tc"), (5, 7, "ctrap_tuned_r6"),
+                                                           (5, 5, "ctrap_tuned_tc"), (6, 3, "ctrap_tuned_tc")])
+def test_cascade_script_runs_the_second_setting_only_below_8_and_releases_the_better(tmp_path, first, second,
+                                                                                      released):
+    """experiments/nowin/cascade.sh with candidate.sh replaced by a stub that writes each setting's trap check."""
+    wins = {"ctrap_tuned_tc": first, **({"ctrap_tuned_r6": second} if second is not None else {})}
+    calls, log = _run_release_script(tmp_path, "cascade.sh", wins)
+    assert [c[1] for c in calls] == ["ctrap_tuned_tc"] + (["ctrap_tuned_r6"] if second is not None else [])
     assert "defense.trap_check={from_epoch:3}" in calls[0]
     if second is not None:
-        assert calls[1].endswith("defense.params.radii=[0.002,0.006]")
+        assert calls[1][-1] == "defense.params.radii=[0.002,0.006]"
     ran = "ctrap_tuned_tc" + (", ctrap_tuned_r6" if second is not None else "")
     won = f"{first}" + (f", {second}" if second is not None else "")
-    assert (out / "release.log").read_text() == f"seed 7: red team {won} of 9 ({ran}); released {released}\n"
+    assert log == f"seed 7: red team {won} of 9 ({ran}); released {released}\n"
 
 
 @pytest.mark.parametrize(("wins", "released"), [((9,), 0), ((7, 8), 1), ((5, 3, 6), 2), ((3, 9), 1), ((5, 5, 5), 0),
                                               ((6, 7, 7), 1)])
 def test_reseed_script_retrains_with_other_defense_seeds_only_while_no_red_team_won_8(tmp_path, wins, released):
     """experiments/nowin/reseed.sh with candidate.sh replaced by a stub that writes each step's trap check."""
-    import os
-    import shutil
-    import subprocess
-    import sys
+    from selfdestruct.eval.red_team import released_setting
 
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    for script in ("reseed.sh", "release.sh"):
-        shutil.copy(NOWIN / script, scripts)
     names = ["ctrap_tuned_tc", "ctrap_tuned_reseed1", "ctrap_tuned_reseed2"]
-    (scripts / "candidate.sh").write_text(
-        'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
-        'echo "$*" >> "$out/calls"\n'
-        'case $name in ' + " ".join(f'{n}) won={w};;' for n, w in zip(names, wins)) + ' esac\n'
-        'echo "{\\"trap_check\\": [{\\"epoch\\": 3, \\"no_win\\": $won, \\"cells\\": 9}]}" '
-        '> "$out/$name/s$seed/defend/model/selfdestruct.json"\n')
-    out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(["bash", str(scripts / "reseed.sh"), str(out), "7"], check=True, capture_output=True, env=env)
-    calls = [c.split() for c in (out / "calls").read_text().splitlines()]
+    calls, log = _run_release_script(tmp_path, "reseed.sh", dict(zip(names, wins)))
     assert [c[1] for c in calls] == names[:len(wins)]
     assert all(c[2:5] == ["7", "ctrap_tuned", "defense.trap_check={from_epoch:3}"] for c in calls)
     assert [c[5:] for c in calls] == [[], ["defense.seed=1007"], ["defense.seed=2007"]][:len(wins)]
-    from selfdestruct.eval.red_team import released_setting
     assert released_setting(wins, fallback_at=8) == released  # the script and the library release the same step
-    assert (out / "release.log").read_text() == (f"seed 7: red team {', '.join(map(str, wins))} of 9 "
-                                                 f"({', '.join(names[:len(wins)])}); released {names[released]}\n")
+    assert log == (f"seed 7: red team {', '.join(map(str, wins))} of 9 ({', '.join(names[:len(wins)])}); "
+                   f"released {names[released]}\n")
 
 
 @pytest.mark.parametrize("later", ["ctrap_tuned_r6", ":defense.seed=5", "ctrap_tuned_r6:"])
