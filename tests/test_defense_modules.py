@@ -335,6 +335,49 @@ def test_branch_threads_train_the_same_ctrap_model_bit_for_bit(adapter, tokenize
     assert not all(torch.equal(one[k], v) for k, v in _tiny_model(tokenizer).state_dict().items() if k in one)
 
 
+def test_a_model_loaded_from_disk_trains_in_train_mode_with_its_dropout_live(tmp_path):
+    """``from_pretrained`` returns a model in eval mode and Lightning keeps each submodule's mode: without
+    ``CausalLMModule.on_fit_start`` a checkpoint's attention dropout would stay off for the whole stage."""
+    from transformers import AutoModelForCausalLM
+
+    from selfdestruct.modules.attack import AttackModule
+    from selfdestruct.pipeline.config import AttackConfig
+
+    saved = micro_llama()
+    saved.config.attention_dropout = 0.5
+    saved.save_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert not model.training  # what the stage receives
+    harmful, _, _ = seam_batches(seed=0)
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():  # two passes on one batch differ only if the dropout is drawn
+                twice = [pl_module.lm_loss(batch["train"]).item() for _ in range(2)]
+            seen.append(([n for n, m in pl_module.model.named_modules() if not m.training], twice))
+
+    module = AttackModule(model, AttackConfig(lr=1e-3, epochs=1, batch_size=2))
+    trainer = _trainer(2, tmp_path)
+    trainer.callbacks.append(Spy())
+    trainer.fit(module, _loader({"train": harmful}, 2))
+    assert len(seen) == 2
+    for eval_modules, (first, second) in seen:
+        assert eval_modules == []
+        assert first != second
+
+
+def test_ctrap_replicas_train_in_the_models_mode(tokenizer, tmp_path):
+    """The copies that run CTRAP's further radii on other threads are made before the fit: they follow the model
+    into train mode with it."""
+    optim = OptimConfig(lr=1e-3, batch_size=4, epochs=1)
+    params = CtrapParams(radii=[0.05, 0.1], collapse_at="every", lookahead="sign", normalize_step=False)
+    module = CTRAPModule(micro_llama().eval(), optim, params, token_id=5)
+    assert module.use_branch_threads(2) == 2 and not module.replicas[0].training
+    module.on_fit_start()
+    assert module.model.training and all(m.training for r in module.replicas for m in r.modules())
+
+
 def test_branch_threads_on_a_defense_without_branches_say_so(tokenizer, tmp_path, caplog):
     ctx = dataclasses.replace(_ctx(tmp_path), trainer=dataclasses.replace(FAST, branch_threads=2))
     with caplog.at_level(logging.INFO, logger="selfdestruct.pipeline.defense"):

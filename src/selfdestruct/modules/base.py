@@ -113,6 +113,12 @@ class CausalLMModule(pl.LightningModule):
         else:
             torch._foreach_lerp_(self.ema, params, 1.0 - self.optim.ema_decay)
 
+    def on_fit_start(self) -> None:
+        """Train mode for the model being trained. A model loaded from disk (``from_pretrained``) or evaluated
+        before the stage arrives in eval mode, and Lightning keeps each submodule's mode: its dropout (a real
+        checkpoint's ``attention_dropout``, say) would silently stay off for the whole stage."""
+        self.model.train()
+
     def on_train_end(self) -> None:
         """With ``ema_decay``, the stage releases the average: it replaces the trainable parameters. A loss spike
         in the last steps is warned about or, with ``spike_rollback``, undone (:meth:`release_before_spike`)."""

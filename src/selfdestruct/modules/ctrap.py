@@ -55,6 +55,11 @@ class CTRAPModule(DefenseModule):
         self.replicas = make_replicas(self.model, self.defense_params, threads)
         return 1 + len(self.replicas)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for replica in self.replicas:  # the concurrent radii run in the model's mode
+            replica.train()
+
     def extra_state(self) -> dict:
         state = super().extra_state()
         if self.second_moment is not None:  # lookahead=adam: the running E[g_h²] and its step count
