@@ -20,6 +20,9 @@ first defense's go first (the costliest, so that the cheap defenses are defended
 its own grid and fine-tune share the cores at the end). Each defense writes ``OUT/{defend,grid,benign}/D``.
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
 
+Each command of 1-3 and the shared stages writes its output to ``OUT/logs/<stage>_<defense>.log``; the console gets
+the command and one line when it ends (a failure adds the log's last lines). ``--verbose`` streams it all instead.
+
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
 then prints the before/after table. Both print their wall time.
 """
@@ -27,6 +30,7 @@ then prints the before/after table. Both print their wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -44,23 +48,41 @@ COLUMNS = ("harmful_score", "refusal_rate", "utility", "perplexity", "task_accur
 
 # Each command's start (perf_counter), wall time and CPU time, for quickstart.json: where the demo's time goes.
 TIMELINE: list[dict] = []
+LOG_TAIL = 20  # lines of a failed command's log printed with the failure
 
 
-def run(args: list[str], check: bool = True, env: dict | None = None) -> int:
+def run(args: list[str], check: bool = True, env: dict | None = None, log: Path | None = None) -> int:
+    """Run ``python ARGS``; with ``log``, its output goes to that file and one line says how it ended (a failure
+    also shows the log's last lines), so that two commands running at once do not interleave on the console."""
     command = "python " + " ".join(args)
-    print("+ " + command, flush=True)
+    print("+ " + command + (f"\n  output: {log}" if log else ""), flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], env=env)
-    cpu = None
-    if hasattr(os, "wait4"):  # the command's own CPU time (user + system); a command waiting on a cache lock uses none
-        _, wait_status, usage = os.wait4(proc.pid, 0)
-        proc.returncode, cpu = os.waitstatus_to_exitcode(wait_status), round(usage.ru_utime + usage.ru_stime, 1)
-    code = proc.wait()
-    TIMELINE.append({"command": command, "start": start,
-                     "seconds": round(time.perf_counter() - start, 1), "cpu_s": cpu, "status": code})
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") if log else contextlib.nullcontext() as sink:
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=sink,
+                                stderr=subprocess.STDOUT if sink else None)
+        cpu = None
+        if hasattr(os, "wait4"):  # the command's own CPU time (user + system); one waiting on a cache lock uses none
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode, cpu = os.waitstatus_to_exitcode(wait_status), round(usage.ru_utime + usage.ru_stime, 1)
+        code = proc.wait()
+    seconds = round(time.perf_counter() - start, 1)
+    TIMELINE.append({"command": command, "start": start, "seconds": seconds, "cpu_s": cpu, "status": code})
+    if log:
+        print(f"  {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s: {log.stem}", flush=True)
+        if code:
+            print("".join(f"  | {line}" for line in log.read_text(errors="replace").splitlines(True)[-LOG_TAIL:]),
+                  flush=True)
     if check and code:
         raise subprocess.CalledProcessError(code, proc.args)
     return code
+
+
+def log_path(out: Path, args: list[str]) -> Path:
+    """``OUT/logs/<the command's output directory under OUT, "/" as "_">.log``, e.g. ``OUT/logs/grid_sft.log``."""
+    where = next(a.split("=", 1)[1] for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    return out / "logs" / ("_".join(Path(where).relative_to(out).parts) + ".log")
 
 
 def before_after_table(rows: list[tuple[str, dict]]) -> str:
@@ -161,12 +183,16 @@ def torch_threads(n: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(n))}
 
 
-def full(out: Path, defenses: list[str], common: list[str], jobs: int) -> int:
+def full(out: Path, defenses: list[str], common: list[str], jobs: int, verbose: bool = False) -> int:
+    """The full demo; each command's output goes to ``OUT/logs/`` (``verbose``: to the console instead)."""
+    def logged(args: list[str], env: dict | None) -> int:
+        return run(args, check=False, env=env, log=None if verbose else log_path(out, args))
+
     if jobs > 1:  # nothing else can run yet: every job's thread (a failure here shows again in the chains)
-        run(shared_stages(out, common), check=False, env=torch_threads(jobs))
+        logged(shared_stages(out, common), torch_threads(jobs))
     # One torch thread per command, so that ``jobs`` commands share the cores without oversubscribing them.
     env = torch_threads(1) if jobs > 1 else None
-    failed = run_plan([chain(out, d, common, jobs) for d in defenses], jobs, lambda args: run(args, check=False, env=env))
+    failed = run_plan([chain(out, d, common, jobs) for d in defenses], jobs, lambda args: logged(args, env))
     run(["-m", "selfdestruct.report", str(out / "defend"), str(out / "grid"), str(out / "benign"),
          "--out", str(out / "report")])
     print("\n" + (out / "report" / "summary.md").read_text())
@@ -193,6 +219,8 @@ def main() -> int:
                         help="comma-separated defense options (conf/defense/*.yaml) for the full demo")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="full demo: commands run at once (one torch thread each; 1 = one after another)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="full demo: every command's output on the console (default: OUT/logs/, one line each)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every stage")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -202,7 +230,7 @@ def main() -> int:
     if args.basic:
         basic(out, common)
     else:
-        status = full(out, args.defenses.split(","), common, args.jobs)
+        status = full(out, args.defenses.split(","), common, args.jobs, args.verbose)
         print(f"dashboard: {out / 'report' / 'dashboard.html'}")
     seconds = time.perf_counter() - start
     cpu = None if any(c["cpu_s"] is None for c in TIMELINE) else sum(c["cpu_s"] for c in TIMELINE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -52,7 +53,7 @@ def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, mo
     calls: list[tuple[str, str]] = []
     lock, both_started = threading.Lock(), threading.Barrier(2, timeout=10)
 
-    def fake_run(args, check=True, env=None):
+    def fake_run(args, check=True, env=None, log=None):
         if args[1] == "selfdestruct.report":
             (tmp_path / "report").mkdir()
             (tmp_path / "report" / "summary.md").write_text("summary")
@@ -62,9 +63,12 @@ def test_chains_run_concurrently_and_a_failed_one_stops_only_itself(tmp_path, mo
             assert env is not None and env["OMP_NUM_THREADS"] == "2"
             assert args[1:3] == ["selfdestruct.defend", "defense=sft"]
             assert f"hydra.run.dir={tmp_path / 'shared_stages'}" in args
+            assert log == tmp_path / "logs" / "shared_stages.log"
             calls.append(("shared", "stages"))
             return 0
         assert env is not None and env["OMP_NUM_THREADS"] == "1"
+        kind = "defend" if args[1] == "selfdestruct.defend" else _entry(args).split()[1]
+        assert log == tmp_path / "logs" / f"{kind}_{defense}.log"  # its output: a file of its own
         if args[1] == "selfdestruct.defend" and defense in ("ctrap_tuned", "seam_tuned"):
             both_started.wait()  # the first two chains' defenses run at the same time, or this times out
         with lock:
@@ -135,6 +139,38 @@ def test_each_command_is_timed_for_the_demos_timeline():
     assert failed["start"] >= spinning["start"] + spinning["seconds"] - 0.05
     if hasattr(os, "wait4"):  # CPU time: sleeping uses little of it, spinning at least its 0.5 s
         assert sleeping["cpu_s"] < sleeping["seconds"] - 0.3 and spinning["cpu_s"] >= 0.5
+
+
+def test_a_logged_command_writes_its_output_to_its_log_and_says_in_one_line_how_it_ended(tmp_path, capsys):
+    qs = _quickstart()
+    ok, bad = tmp_path / "logs" / "grid_sft.log", tmp_path / "logs" / "defend_sft.log"
+    assert qs.run(["-c", "print('st' + 'ep 1'); import sys; print('warn', file=sys.stderr)"], log=ok) == 0
+    lines = "\n".join(f"print('line {i}')" for i in range(qs.LOG_TAIL + 5))
+    assert qs.run(["-c", lines + "\nraise SystemExit(5)"], check=False, log=bad) == 5
+    printed = capsys.readouterr().out
+    assert ok.read_text().split() == ["step", "1", "warn"] and "step 1" not in printed
+    assert re.search(r"\n  done in \d+ s: grid_sft\n", printed)
+    assert re.search(r"\n  FAILED \(exit 5\) in \d+ s: defend_sft\n", printed)
+    shown = [line for line in printed.splitlines() if line.startswith("  | line ")]  # the log's last lines only
+    assert shown == [f"  | line {i}" for i in range(5, qs.LOG_TAIL + 5)]
+
+
+def test_full_runs_log_under_out_logs_unless_verbose(tmp_path, monkeypatch):
+    qs, logs = _quickstart(), []
+
+    def fake_run(args, check=True, env=None, log=None):
+        if args[1] == "selfdestruct.report":
+            (tmp_path / "report").mkdir(exist_ok=True)
+            (tmp_path / "report" / "summary.md").write_text("summary")
+        logs.append(log)
+        return 0
+
+    monkeypatch.setattr(qs, "run", fake_run)
+    assert qs.full(tmp_path, ["sft"], [], jobs=1) == 0
+    assert logs == [tmp_path / "logs" / f"{k}_sft.log" for k in ("defend", "grid", "benign")] + [None]
+    logs.clear()
+    assert qs.full(tmp_path, ["sft"], [], jobs=1, verbose=True) == 0
+    assert logs == [None] * 4
 
 
 def test_ctrl_c_starts_no_new_command():
