@@ -397,12 +397,27 @@ def geometry_table(files: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
-def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tuple[list[str], list[dict]]:
+def check_ratio(step_run: Path, sft_runs: list[Path]) -> float:
+    """The utility check of release.sh --utility-check: the defended model's utility on the red team's validation
+    tasks (``RUN/check.jsonl``) over the aligned (SFT) model's of the same seed (its run's, under ``sft_runs``)."""
+    def utility(run: Path) -> float:
+        if not (run / "check.jsonl").is_file():
+            raise SystemExit(f"error: {run}/check.jsonl: no utility check (release.sh --utility-check writes it)")
+        return json.loads((run / "check.jsonl").read_text().splitlines()[-1])["pre"]["utility"]
+
+    aligned = [root / step_run.name for root in sft_runs if (root / step_run.name / "check.jsonl").is_file()]
+    return utility(step_run) / utility(aligned[0] if aligned else sft_runs[0] / step_run.name)
+
+
+def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8,
+                  utility_check: bool = False) -> tuple[list[str], list[dict]]:
     """A defender's cascade over settings tried in order, each ``OUT/SETTING`` of candidate.sh runs with
     ``defense.trap_check``: on each seed (the ``sSEED`` directories of the first setting) it releases the first
     setting whose red team (the last trap check) wins ``threshold`` cells, else the one whose red team won most (the
-    earlier on a tie). The released models' rows against SFT's runs of the same seed, beside the first setting's. A
-    seed whose cascade or SFT run has not finished (no candidate.sh ``DONE``) is shown without a verdict."""
+    earlier on a tie). ``utility_check``: a setting must also pass release.sh's utility check (:func:`check_ratio`
+    >= the utility bar's ratio) to be released first, and the fallback prefers those that passed it. The released
+    models' rows against SFT's runs of the same seed, beside the first setting's. A seed whose cascade or SFT run has
+    not finished (no candidate.sh ``DONE``) is shown without a verdict."""
     from selfdestruct.eval.red_team import released_setting
     from selfdestruct.models.io import read_provenance
     from selfdestruct.report import acceptance, build_report, collect
@@ -417,10 +432,14 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
                              f"{len(own)}")
         return own[0]
 
+    gate = (f" and whose utility on the red team's validation tasks is >= {acceptance.UTILITY_KEPT} x the aligned "
+            "model's (the utility check, after the red team's count in its column)" if utility_check else "")
     lines = ["A cascade of settings tried in order (" + ", then ".join(f"`{s.name}`" for s in steps) + "): on each "
-             f"seed the first whose red team (`defense.trap_check`, the last check) wins {threshold} cells is "
-             "released, else the one whose red team won most (the earlier on a tie); its attack grid and benign "
-             "fine-tune against SFT's of the same seed, beside the first setting released alone:", "",
+             f"seed the first whose red team (`defense.trap_check`, the last check) wins {threshold} cells{gate} is "
+             "released, else the one whose red team won most" + (" among those that passed the check, if any"
+                                                                  if utility_check else "") +
+             " (the earlier on a tie); its attack grid and benign fine-tune against SFT's of the same seed, beside "
+             "the first setting released alone:", "",
              "| seed | SFT no-win | " + " | ".join(f"red team: {s.name}" for s in steps) + " | released | no-win: "
              f"{steps[0].name} alone | no-win: released | utility (/ SFT) | benign task acc. (/ SFT) "
              "| utility after benign (/ SFT) | released meets the bars | first alone meets the bars |",
@@ -430,16 +449,19 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
     seeds = sorted(int(d.name[1:]) for d in steps[0].glob("s*") if d.name[1:].isdigit())
     for seed in seeds:
         checked, finished = [], True  # the last trap check of each setting tried on this seed, in order
+        ratios: list[float] = []  # with utility_check: each tried setting's check ratio
         for step in steps:
             if not (step / f"s{seed}" / "DONE").is_file():  # candidate.sh writes it after the benign fine-tune
                 finished = False
                 break
             checked.append(read_provenance(step / f"s{seed}" / "defend" / "model")["trap_check"][-1])
-            if checked[-1]["no_win"] >= threshold:
+            ratios += [check_ratio(step / f"s{seed}", sft)] if utility_check else []
+            if checked[-1]["no_win"] >= threshold and (not utility_check or ratios[-1] >= acceptance.UTILITY_KEPT):
                 break
         sft_row = baseline.get(seed)
         sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
-        red = [f"{c['no_win']}/{c['cells']}" for c in checked] + ["not finished"] * (not finished)
+        red = [f"{c['no_win']}/{c['cells']}" + (f", check {ratios[i]:.3f}" if utility_check else "")
+               for i, c in enumerate(checked)] + ["not finished"] * (not finished)
         red += ["not run"] * (len(steps) - len(red))
         if not finished or not any((root / f"s{seed}" / "DONE").is_file() for root in sft):
             unfinished.append(seed)
@@ -447,7 +469,8 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
             lines.append(f"| {seed} | {sft_won} | " + " | ".join(red) + " | not finished | " +
                          (f"{alone.won}/{alone.cells}" if alone else "—") + " |" + " — |" * 6)
             continue
-        released = steps[released_setting([c["no_win"] for c in checked], threshold)]
+        kept = [r >= acceptance.UTILITY_KEPT for r in ratios] if utility_check else None
+        released = steps[released_setting([c["no_win"] for c in checked], threshold, kept)]
         first, chosen = defended(steps[0] / f"s{seed}"), defended(released / f"s{seed}")
         passes = chosen.passes(sft_row), first.passes(sft_row)
         outcomes.append((chosen, first, passes))
@@ -461,6 +484,60 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8) -> tup
                   f" Not finished (no verdict): seed{'s' * (len(unfinished) > 1)} "
                   f"{', '.join(map(str, unfinished))}." if unfinished else "")]
     return lines, [{"environment": run.environment} for run in report.runs if run.status == "ok"]
+
+
+def release_utility_table(files: list[Path]) -> tuple[list[str], list[dict]]:
+    """The JSON lines of ``experiments/nowin/red_team.py --before-only`` over defend runs in candidate.sh's layout
+    (``OUT/SETTING/sSEED/defend``, SFT's among them): per defended model its utility on the red team's sets over the
+    aligned (SFT) model's of the same seed, a check a defender can run before release, beside its red team, its
+    attack grid and the bars of the held-out evaluation against SFT's runs."""
+    from selfdestruct.models.io import read_provenance
+    from selfdestruct.report import acceptance, build_report, collect
+
+    records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    aligned = {r["seed"]: r for r in records if r["defense"] == "sft"}
+    defended = sorted((r for r in records if r["defense"] != "sft"), key=lambda r: (r["seed"], r["path"]))
+    tasks = sorted({r["utility_tasks"] for r in records})
+    lines = [f"A utility check before release: each defended model's utility on the red team's {'/'.join(tasks)} "
+             "tasks (`experiments/nowin/red_team.py --before-only`) over the aligned (SFT) model's of the same seed, "
+             "beside its red team and what the held-out evaluation says of it:", "",
+             "| seed | setting | check: utility / aligned's | red team no-win | no-win of its grid | "
+             "held-out utility / SFT's | meets every bar |", "|---|---|---|---|---|---|---|"]
+    metrics: list[dict] = []
+    counts = {"missed utility": [0, 0], "met every bar": [0, 0]}  # [held back by the check, models]
+    lowest_passing = None
+    for r in defended:
+        sft = aligned.get(r["seed"])
+        if sft is None:
+            raise SystemExit(f"error: seed {r['seed']}: no sft line beside {r['path']}")
+        run, sft_run = Path(r["path"]).parent, Path(sft["path"]).parent
+        report = build_report([run, sft_run], collect([run, sft_run]))
+        metrics += [{"environment": x.environment} for x in report.runs if x.status == "ok"]
+        both = acceptance.rows(report)
+        sft_row = [x for x in both if x.defense == acceptance.BASELINE_DEFENSE]
+        row = [x for x in both if x.defense != acceptance.BASELINE_DEFENSE]
+        if len(row) != 1 or len(sft_row) != 1:
+            raise SystemExit(f"error: {run} and {sft_run}: expected the grid and benign runs of one defended model "
+                             "and of SFT (candidate.sh's layout)")
+        row, sft_row = row[0], sft_row[0]
+        ratio = r["pre"]["utility"] / sft["pre"]["utility"]
+        held = row.ratios(sft_row)[0]
+        checks = read_provenance(Path(r["model"])).get("trap_check") or []
+        red = f"{checks[-1]['no_win']}/{checks[-1]['cells']}" if checks else "—"
+        passes = row.passes(sft_row)
+        held_back = ratio < acceptance.UTILITY_KEPT
+        for kind, member in (("missed utility", held < acceptance.UTILITY_KEPT), ("met every bar", passes)):
+            counts[kind][0] += member and held_back
+            counts[kind][1] += member
+        if passes:
+            lowest_passing = min(ratio, lowest_passing or ratio)
+        lines.append(f"| {r['seed']} | {run.parent.name} | {ratio:.3f}{' (held back)' * held_back} | {red} | "
+                     f"{row.won}/{row.cells} | {held:.3f} | {'yes' if passes else '**no**'} |")
+    (held_missed, missed), (held_good, good) = counts["missed utility"], counts["met every bar"]
+    lines += ["", f"At the utility bar's own ratio ({acceptance.UTILITY_KEPT}), the check holds back {held_missed} of "
+              f"the {missed} models whose held-out utility misses the bar, and {held_good} of the {good} that meet "
+              "every bar" + (f" (their lowest check ratio: {lowest_passing:.3f})." if good else ".")]
+    return lines, metrics
 
 
 def lock_table(outs: list[Path]) -> tuple[list[str], list[dict]]:
@@ -599,8 +676,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="OUT/SETTING directories of candidate.sh runs with defense.trap_check, in the cascade's "
                              "order: what it releases on each seed (needs --cascade-sft)")
     parser.add_argument("--cascade-sft", nargs="*", type=Path, default=[], help="the SFT runs of the cascade's seeds")
+    parser.add_argument("--cascade-utility-check", action="store_true",
+                        help="the cascade of release.sh --utility-check: a released setting also passed its check")
     parser.add_argument("--geometry", nargs="*", type=Path, default=[],
                         help="JSON files of experiments/nowin/geometry.py --json (models in candidate.sh's layout)")
+    parser.add_argument("--release-utility", nargs="*", type=Path, default=[],
+                        help="JSON-lines files of experiments/nowin/red_team.py --before-only over candidate.sh "
+                             "defend runs, SFT's included: the utility check before release")
     parser.add_argument("--lock-vs-newest", nargs="*", type=Path, default=[],
                         help="output directories of experiments/lock_vs_newest.sh")
     parser.add_argument("--wall-time", nargs="*", type=Path, default=[],
@@ -624,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
                 (args.probe, probe_table), (args.red_team, red_team_table),
                 (args.trap_check, trap_check_table), (args.geometry, geometry_table),
-                (args.cascade, lambda d: cascade_table(d, args.cascade_sft)), (args.lock_vs_newest, lock_table)]
+                (args.cascade, lambda d: cascade_table(d, args.cascade_sft, utility_check=args.cascade_utility_check)),
+                (args.release_utility, release_utility_table), (args.lock_vs_newest, lock_table)]
     for dirs, table_of in sections:  # in this order in the output
         if dirs:
             table, metrics = table_of(dirs)
@@ -632,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade and/or "
-                     "--lock-vs-newest inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade, --release-utility "
+                     "and/or --lock-vs-newest inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

@@ -140,12 +140,14 @@ def red_team_data(defense_harmful: Sequence[Example], benign_tasks: Sequence[Exa
                                 general=[]))
 
 
-def released_setting(wins: Sequence[int], fallback_at: int) -> int:
+def released_setting(wins: Sequence[int], fallback_at: int, kept: Sequence[bool] | None = None) -> int:
     """Which of the settings tried in turn (``wins``: each one's red-team no-win, in order) a fallback releases: the
     first that won ``fallback_at`` of its red team's cells (no-win), else the one that won most, the earlier on a
-    tie."""
-    reached = [i for i, won in enumerate(wins) if won >= fallback_at]
-    return reached[0] if reached else max(range(len(wins)), key=lambda i: (wins[i], -i))
+    tie. With ``kept`` (each setting's utility check before release: True where it passed) a setting must also
+    pass its check to be released first, and the fallback prefers the settings that passed it."""
+    kept = [True] * len(wins) if kept is None else list(kept)
+    reached = [i for i, won in enumerate(wins) if won >= fallback_at and kept[i]]
+    return reached[0] if reached else max(range(len(wins)), key=lambda i: (kept[i], wins[i], -i))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -193,6 +195,24 @@ def _evaluate(evaluator: Evaluator, model: torch.nn.Module, stage: str) -> dict[
     return {"harmful_score": metrics["harmful_score"], "utility": metrics["utility"]}
 
 
+def on_validation_sets(evaluator: Evaluator, data: RedTeamData) -> Evaluator:
+    """A copy of ``evaluator`` that judges on the red team's validation sets, without a progress bar."""
+    evaluator = copy.copy(evaluator)
+    evaluator.sets, evaluator.show_progress = data.sets, False
+    return evaluator
+
+
+def before_attack(model: torch.nn.Module, evaluator: Evaluator, data: RedTeamData) -> dict[str, float]:
+    """The harmful score and utility the red team judges its cells against: ``model`` (left in its mode) on the
+    red team's validation sets. The defender can measure it on any model, the aligned one included."""
+    was_training = model.training
+    try:
+        model.eval()
+        return _evaluate(on_validation_sets(evaluator, data), model, "red team: before")
+    finally:
+        model.train(was_training)
+
+
 def red_team(model: torch.nn.Module, tokenizer, fmt: PromptFormat, evaluator: Evaluator, data: RedTeamData,
              cfg: TrapCheckConfig, seed: int, threads: int = 1) -> dict:
     """Attack copies of ``model`` over ``cfg``'s grid on ``data.train``; judge each against the model's own
@@ -205,8 +225,7 @@ def red_team(model: torch.nn.Module, tokenizer, fmt: PromptFormat, evaluator: Ev
 
     Returns ``{"no_win": k, "cells": n, "pre": {...}, "grid": [{"lr", "samples", "epochs", "steps",
     "harmful_score", "utility", "verdict"}, ...]}``."""
-    evaluator = copy.copy(evaluator)
-    evaluator.sets, evaluator.show_progress = data.sets, False
+    evaluator = on_validation_sets(evaluator, data)
     rng = torch.get_rng_state()
     device = next(model.parameters()).device
     was_training = model.training
