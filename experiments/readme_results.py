@@ -409,6 +409,11 @@ def check_ratio(step_run: Path, sft_runs: list[Path]) -> float:
     return utility(step_run) / utility(aligned[0] if aligned else sft_runs[0] / step_run.name)
 
 
+def ratio_text(ratio: float, threshold: float) -> str:
+    """Three decimals, or four where three would round it onto ``threshold`` from below (0.9496 is not 0.950)."""
+    return f"{ratio:.4f}" if ratio < threshold <= round(ratio, 3) else f"{ratio:.3f}"
+
+
 def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8,
                   utility_check: bool = False) -> tuple[list[str], list[dict]]:
     """A defender's cascade over settings tried in order, each ``OUT/SETTING`` of candidate.sh runs with
@@ -460,7 +465,7 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8,
                 break
         sft_row = baseline.get(seed)
         sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
-        red = [f"{c['no_win']}/{c['cells']}" + (f", check {ratios[i]:.3f}" if utility_check else "")
+        red = [f"{c['no_win']}/{c['cells']}" + (f", check {ratio_text(ratios[i], acceptance.UTILITY_KEPT)}" if utility_check else "")
                for i, c in enumerate(checked)] + ["not finished"] * (not finished)
         red += ["not run"] * (len(steps) - len(red))
         if not finished or not any((root / f"s{seed}" / "DONE").is_file() for root in sft):
@@ -531,12 +536,12 @@ def release_utility_table(files: list[Path]) -> tuple[list[str], list[dict]]:
             counts[kind][1] += member
         if passes:
             lowest_passing = min(ratio, lowest_passing or ratio)
-        lines.append(f"| {r['seed']} | {run.parent.name} | {ratio:.3f}{' (held back)' * held_back} | {red} | "
+        lines.append(f"| {r['seed']} | {run.parent.name} | {ratio_text(ratio, acceptance.UTILITY_KEPT)}{' (held back)' * held_back} | {red} | "
                      f"{row.won}/{row.cells} | {held:.3f} | {'yes' if passes else '**no**'} |")
     (held_missed, missed), (held_good, good) = counts["missed utility"], counts["met every bar"]
     lines += ["", f"At the utility bar's own ratio ({acceptance.UTILITY_KEPT}), the check holds back {held_missed} of "
               f"the {missed} models whose held-out utility misses the bar, and {held_good} of the {good} that meet "
-              "every bar" + (f" (their lowest check ratio: {lowest_passing:.3f})." if good else ".")]
+              "every bar" + (f" (their lowest check ratio: {ratio_text(lowest_passing, acceptance.UTILITY_KEPT)})." if good else ".")]
     return lines, metrics
 
 
