@@ -501,7 +501,7 @@ def release_utility_table(files: list[Path]) -> tuple[list[str], list[dict]]:
 
     records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     aligned = {r["seed"]: r for r in records if r["defense"] == "sft"}
-    defended = sorted((r for r in records if r["defense"] != "sft"), key=lambda r: (r["seed"], r["path"]))
+    defended = sorted((r for r in records if r["defense"] != "sft"), key=lambda r: r["seed"])  # stable: file order
     tasks = sorted({r["utility_tasks"] for r in records})
     lines = [f"A utility check before release: each defended model's utility on the red team's {'/'.join(tasks)} "
              "tasks (`experiments/nowin/red_team.py --before-only`) over the aligned (SFT) model's of the same seed, "

@@ -59,6 +59,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("cascade-reseed-30-34", "cascade_reseed_30_34.md", "cascade_reseed_30_34"),
         ("kernel-paths-held-seam", "kernel_paths_held_seam.md", "kernel_paths_held_seam"),
         ("kernel-paths-held-ctrap", "kernel_paths_held_ctrap.md", "kernel_paths_held_ctrap"),
+        ("release-utility", "release_utility.md", "release_utility"),
     )},
 }
 
