@@ -405,8 +405,9 @@ def check_ratio(step_run: Path, sft_runs: list[Path]) -> float:
             raise SystemExit(f"error: {run}/check.jsonl: no utility check (release.sh --utility-check writes it)")
         return json.loads((run / "check.jsonl").read_text().splitlines()[-1])["pre"]["utility"]
 
-    aligned = [root / step_run.name for root in sft_runs if (root / step_run.name / "check.jsonl").is_file()]
-    return utility(step_run) / utility(aligned[0] if aligned else sft_runs[0] / step_run.name)
+    aligned = next((root / step_run.name for root in sft_runs if (root / step_run.name / "check.jsonl").is_file()),
+                   sft_runs[0] / step_run.name)  # the error then names the first SFT directory's
+    return utility(step_run) / utility(aligned)
 
 
 def ratio_text(ratio: float, threshold: float) -> str:
@@ -465,8 +466,10 @@ def cascade_table(steps: list[Path], sft: list[Path], threshold: int = 8,
                 break
         sft_row = baseline.get(seed)
         sft_won = f"{sft_row.won}/{sft_row.cells}" if sft_row else "—"
-        red = [f"{c['no_win']}/{c['cells']}" + (f", check {ratio_text(ratios[i], acceptance.UTILITY_KEPT)}" if utility_check else "")
-               for i, c in enumerate(checked)] + ["not finished"] * (not finished)
+        red = [f"{c['no_win']}/{c['cells']}" for c in checked]
+        if utility_check:
+            red = [f"{text}, check {ratio_text(ratio, acceptance.UTILITY_KEPT)}" for text, ratio in zip(red, ratios)]
+        red += ["not finished"] * (not finished)
         red += ["not run"] * (len(steps) - len(red))
         if not finished or not any((root / f"s{seed}" / "DONE").is_file() for root in sft):
             unfinished.append(seed)
@@ -536,12 +539,14 @@ def release_utility_table(files: list[Path]) -> tuple[list[str], list[dict]]:
             counts[kind][1] += member
         if passes:
             lowest_passing = min(ratio, lowest_passing or ratio)
-        lines.append(f"| {r['seed']} | {run.parent.name} | {ratio_text(ratio, acceptance.UTILITY_KEPT)}{' (held back)' * held_back} | {red} | "
-                     f"{row.won}/{row.cells} | {held:.3f} | {'yes' if passes else '**no**'} |")
+        check = ratio_text(ratio, acceptance.UTILITY_KEPT) + " (held back)" * held_back
+        lines.append(f"| {r['seed']} | {run.parent.name} | {check} | {red} | {row.won}/{row.cells} | {held:.3f} | "
+                     f"{'yes' if passes else '**no**'} |")
     (held_missed, missed), (held_good, good) = counts["missed utility"], counts["met every bar"]
     lines += ["", f"At the utility bar's own ratio ({acceptance.UTILITY_KEPT}), the check holds back {held_missed} of "
               f"the {missed} models whose held-out utility misses the bar, and {held_good} of the {good} that meet "
-              "every bar" + (f" (their lowest check ratio: {ratio_text(lowest_passing, acceptance.UTILITY_KEPT)})." if good else ".")]
+              "every bar" + (f" (their lowest check ratio: {ratio_text(lowest_passing, acceptance.UTILITY_KEPT)})."
+                             if good else ".")]
     return lines, metrics
 
 
