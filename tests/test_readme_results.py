@@ -60,6 +60,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("kernel-paths-held-seam", "kernel_paths_held_seam.md", "kernel_paths_held_seam"),
         ("kernel-paths-held-ctrap", "kernel_paths_held_ctrap.md", "kernel_paths_held_ctrap"),
         ("release-utility", "release_utility.md", "release_utility"),
+        ("cascade-utility-35-39", "cascade_utility_35_39.md", "cascade_utility_35_39"),
     )},
 }
 
