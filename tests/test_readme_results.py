@@ -494,10 +494,11 @@ def _run_release_script(tmp_path, script, wins, utilities=None):
     import subprocess
     import sys
 
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
+    scripts = tmp_path / "experiments" / "nowin"  # the repository's layout: release.sh uses ../readme_results.py
+    scripts.mkdir(parents=True)
     for name in (script, "release.sh"):
         shutil.copy(NOWIN / name, scripts)
+    shutil.copy(REPO / "experiments" / "readme_results.py", scripts.parent)
     (scripts / "candidate.sh").write_text(
         'out=$1; name=$2; seed=$3; mkdir -p "$out/$name/s$seed/defend/model"\n'
         'echo "$*" >> "$out/calls"\n'

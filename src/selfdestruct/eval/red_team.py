@@ -203,14 +203,10 @@ def on_validation_sets(evaluator: Evaluator, data: RedTeamData) -> Evaluator:
 
 
 def before_attack(model: torch.nn.Module, evaluator: Evaluator, data: RedTeamData) -> dict[str, float]:
-    """The harmful score and utility the red team judges its cells against: ``model`` (left in its mode) on the
-    red team's validation sets. The defender can measure it on any model, the aligned one included."""
-    was_training = model.training
-    try:
-        model.eval()
-        return _evaluate(on_validation_sets(evaluator, data), model, "red team: before")
-    finally:
-        model.train(was_training)
+    """The harmful score and utility the red team judges its cells against: ``model`` on the red team's validation
+    sets (the evaluator puts it in eval mode and back). The defender can measure it on any model, the aligned one
+    included."""
+    return _evaluate(on_validation_sets(evaluator, data), model, "red team: before")
 
 
 def red_team(model: torch.nn.Module, tokenizer, fmt: PromptFormat, evaluator: Evaluator, data: RedTeamData,
