@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import SMOKE_OVERRIDES
 from helpers import compose_config
 from selfdestruct.utils.cache import cached_dir

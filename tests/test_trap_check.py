@@ -96,7 +96,8 @@ def test_utility_tasks_validation_judges_on_the_data_sources_validation_tasks_an
 def test_utility_tasks_enters_the_cache_key_only_when_it_is_not_the_default():
     default = TrapCheckConfig(**SMALL)
     assert default.cache_key() == {**{k: v for k, v in dataclasses.asdict(default).items()
-                                      if k not in ("utility_tasks", "fallback", "fallback_at", "reseed")},
+                                      if k not in ("utility_tasks", "fallback", "fallback_at", "reseed",
+                                                   "utility_check", "utility_check_tasks")},
                                    "judges": "released"}
     assert TrapCheckConfig(**SMALL, utility_tasks="validation").cache_key()["utility_tasks"] == "validation"
 
@@ -342,6 +343,92 @@ def test_reseed_retries_the_configured_setting_with_other_defense_seeds_after_th
     assert all(s.trap_check == dataclasses.replace(check, fallback=[], reseed=0) for s in built)
 
 
+@pytest.mark.parametrize(("wins", "ratios", "released"), [
+    ([3], [0.96], 0),                   # the configured setting qualifies: nothing else is trained
+    ([3, 3], [0.90, 0.97], 1),          # its trap holds but it lost utility: the retry that keeps it is released
+    ([3, 2, 1], [0.90, 0.96, 0.99], 1),  # none qualifies: a setting that passes the check, then the most wins
+    ([3, 3, 3], [0.90, 0.91, 0.92], 0),  # none passes: the most wins, the earlier on a tie
+])
+def test_utility_check_releases_only_a_setting_that_keeps_the_aligned_models_utility(tmp_path, monkeypatch, wins,
+                                                                                      ratios, released):
+    """defense.trap_check.utility_check: a setting qualifies (ends the tries, is released first) only if its red
+    team won fallback_at cells and its utility is >= utility_check x the aligned model's; without a qualifying
+    setting the fallback prefers those that passed the check, then the most wins."""
+    from types import SimpleNamespace
+
+    from selfdestruct.pipeline import stages
+
+    check = TrapCheckConfig(**SMALL, fallback_at=3, reseed=2, utility_check=0.95)
+    built, measured = [], []
+    monkeypatch.setattr(stages, "trained_defense_dir", _fake_trained_defenses(tmp_path, iter(wins), built))
+
+    def utility(ctx, model_dir, chk, make_evaluator):  # the aligned model 0.8; setting k: ratios[k] x 0.8
+        measured.append(model_dir)
+        assert chk == check  # the split comes from the check as configured (utility_check_tasks)
+        return 0.8 if model_dir == tmp_path / "aligned" else ratios[int(model_dir.name[len("setting"):]) - 1] * 0.8
+
+    monkeypatch.setattr(stages, "check_utility", utility)
+    spec = stages.DefenseSpec(name="ctrap", params={"lam": 0.3}, trap_check=check)
+    model = stages.defended_model_dir(SimpleNamespace(seed=7), tmp_path / "aligned", spec, evaluate=None)
+    assert model == tmp_path / f"setting{released + 1}"
+    assert len(built) == len(wins)
+    assert measured == [tmp_path / "aligned", *(tmp_path / f"setting{k + 1}" for k in range(len(wins)))]
+    assert all(s.trap_check == dataclasses.replace(check, reseed=0, utility_check=None) for s in built)
+
+
+def test_the_utility_check_measures_each_tried_model_as_the_red_teams_before_attack_and_caches_it(tmp_path,
+                                                                                                   monkeypatch):
+    """Through the defend entry point (micro model, one retry): each model's check utility is its utility on the
+    red team's validation split (eval.red_team.before_attack, recomputed here from the model directory), the
+    released weights are those of released_setting(wins, fallback_at, kept) over the tried models, and a second
+    run reads every measurement from the cache."""
+    from helpers import compose_config
+
+    import selfdestruct.eval.red_team as red_team_module
+    from selfdestruct import cli_common as cc
+    from selfdestruct import cli_config as checks
+    from selfdestruct.commands.defend import defend
+    from selfdestruct.eval.red_team import before_attack, released_setting
+    from selfdestruct.models.io import load_model_dir, read_provenance
+    from selfdestruct.pipeline import stages
+
+    check = ("{from_epoch:1,lrs:[1e-3],attacks:[[4,1],[8,1]],batch_size:4,num_eval_harmful:4,num_eval_benign:8,"
+             "fallback_at:2,reseed:1,utility_check:0.97}")
+    overrides = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",
+                 "trainer.max_steps=2", "defense=ctrap", "defense.params.num_align=8", "defense.params.num_samples=8",
+                 "defense.optim.epochs=1", f"defense.trap_check={check}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    calls = []
+    measure = stages.check_utility
+
+    def spy(ctx, model_dir, chk, make_evaluator):
+        calls.append((model_dir, measure(ctx, model_dir, chk, make_evaluator)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(stages, "check_utility", spy)
+    cfg = compose_config("defend", overrides, tmp_path / "run")
+    defend(cfg)
+    spec = cc.defense_spec(cfg)
+    bundle = checks.data_bundle(cfg)
+    split = stages.trap_check_data(bundle, spec.trap_check.utility_check_split())
+    assert split.sets.benign == bundle.validation_benign[:8]  # utility_check_tasks: validation, by default
+    (aligned, aligned_utility), *tried = calls
+    for model_dir, utility in calls:
+        model, tokenizer = load_model_dir(model_dir)
+        assert utility == before_attack(model, cc.evaluator(cfg, tokenizer, bundle), split)["utility"]
+    assert aligned == Path(read_provenance(tried[0][0])["aligned_model"])
+    wins = [read_provenance(d)["trap_check"][-1]["no_win"] for d, _ in tried]
+    kept = [aligned_utility == 0 or u / aligned_utility >= 0.97 for _, u in tried]  # nothing to keep: passes
+    assert len(tried) == (1 if wins[0] >= 2 and kept[0] else 2)
+    chosen = tried[released_setting(wins, 2, kept)][0]
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == \
+        (chosen / "model.safetensors").read_bytes()
+
+    calls.clear()  # a second run: every model cached, so a measurement now would fail
+    monkeypatch.setattr(red_team_module, "before_attack", lambda *a, **k: pytest.fail("measured again"))
+    defend(compose_config("defend", overrides, tmp_path / "again"))
+    assert [u for _, u in calls] == [aligned_utility, *(u for _, u in tried)]
+
+
 def test_a_reseed_retry_is_the_entry_the_explicit_defense_seed_command_builds(tmp_path):
     """Retry k of `experiment=nowin_reseed` on seed 10 has the defense stage's configuration (hence cache key) of
     `defense=ctrap_tuned defense.seed=1010 'defense.trap_check={from_epoch:3}'`, the runs that measured it."""
@@ -363,13 +450,19 @@ def test_a_reseed_retry_is_the_entry_the_explicit_defense_seed_command_builds(tm
 def test_a_fallback_setting_is_keyed_as_the_plain_check_of_that_setting():
     with_fallback = TrapCheckConfig(from_epoch=3, fallback=[{"radii": [0.002, 0.006]}])
     assert with_fallback.cache_key() == TrapCheckConfig(from_epoch=3).cache_key()
+    checked = TrapCheckConfig(from_epoch=3, reseed=2, utility_check=0.95, utility_check_tasks="align")
+    assert checked.cache_key() == TrapCheckConfig(from_epoch=3).cache_key()  # the check judges, it trains nothing
 
 
 @pytest.mark.parametrize("bad,needle", [({"fallback": [{}]}, "fallback=[{}]: expected a list of non-empty maps"),
                                         ({"fallback": {"lam": 1}}, "fallback={'lam': 1}: expected a list"),
                                         ({"fallback": [{"lam": 1}], "fallback_at": 5}, "fallback_at=5"),
                                         ({"reseed": 2, "fallback_at": 5}, "fallback_at=5"),
-                                        ({"reseed": -1}, "reseed=-1"), ({"reseed": 1.5}, "reseed=1.5")])
+                                        ({"reseed": -1}, "reseed=-1"), ({"reseed": 1.5}, "reseed=1.5"),
+                                        ({"utility_check": 0.95}, "utility_check=0.95: only decides"),
+                                        ({"reseed": 1, "utility_check": 0}, "utility_check=0"),
+                                        ({"reseed": 1, "utility_check": 1.5}, "utility_check=1.5"),
+                                        ({"reseed": 1, "utility_check_tasks": "test"}, "utility_check_tasks='test'")])
 def test_fallback_config_refuses_what_would_not_run(bad, needle):
     with pytest.raises(FieldError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("{", r"\{")
                        .replace("}", r"\}")):

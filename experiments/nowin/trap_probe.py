@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import statistics
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch

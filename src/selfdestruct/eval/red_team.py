@@ -67,6 +67,12 @@ class TrapCheckConfig:
     reseed: int = 0  # after the fallback settings, up to this many retries of the configured setting along another
     #   training path (defense seed: the defense's seed + 1000 k, k = 1..reseed; base and aligned model unchanged),
     #   while no setting tried has won fallback_at cells; released by the same rule. 0: none
+    utility_check: float | None = None  # with fallback or reseed: a setting qualifies (is released first, ends the
+    #   tries) only if also its utility on the utility_check_tasks (before any attack, the red team's benign split) is
+    #   >= this x the aligned model's on the same tasks, and the fallback prefers the settings that pass it; null: no
+    #   check (experiments/nowin/README.md, "A utility check before release": 0.95, an unconfirmed option)
+    utility_check_tasks: str = "validation"  # the tasks the utility check judges on (as utility_tasks): by default
+    #   the defender's validation tasks, which no training split holds (the synthetic world only; "align" otherwise)
 
     def __post_init__(self) -> None:
         if not self.lrs or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
@@ -86,19 +92,32 @@ class TrapCheckConfig:
             raise FieldError("fallback", self.fallback, "expected a list of non-empty maps of defense.params "
                              "overrides, e.g. [{radii: [0.002, 0.006]}]")
         check_number(self, "reseed", low=0, integer=True)
+        check_number(self, "utility_check", low=0, high=1, low_open=True, optional=True)
+        if self.utility_check is not None and not (self.fallback or self.reseed):
+            raise FieldError("utility_check", self.utility_check, "only decides which of the settings that fallback "
+                             "or reseed try is released: set one of them too, or leave it null")
+        if self.utility_check_tasks not in UTILITY_TASKS:
+            raise FieldError("utility_check_tasks", self.utility_check_tasks,
+                             f"expected one of {', '.join(UTILITY_TASKS)}")
         check_number(self, "fallback_at", low=1, high=self.num_cells if self.fallback or self.reseed else None,
                      integer=True)
 
     def cache_key(self) -> dict:
         """The fields that change what a check measures, for the defend stage's cache key (each setting of a
-        fallback, and each retry, is its own entry, keyed as a plain check); ``utility_tasks`` only when it is not
-        the default, so that entries cached before the option keep their keys."""
+        fallback, and each retry, is its own entry, keyed as a plain check; the utility check before release
+        judges the trained entries, it does not change them); ``utility_tasks`` only when it is not the default, so
+        that entries cached before the option keep their keys."""
         key = dataclasses.asdict(self)
-        del key["fallback"], key["fallback_at"], key["reseed"]
+        del key["fallback"], key["fallback_at"], key["reseed"], key["utility_check"], key["utility_check_tasks"]
         if key["utility_tasks"] == "align":
             del key["utility_tasks"]
         key["judges"] = "released"  # the last result judges the released weights (entries from before did not)
         return key
+
+    def utility_check_split(self) -> TrapCheckConfig:
+        """The plain check whose red-team split (benign tasks: ``utility_check_tasks``) the utility check judges."""
+        return dataclasses.replace(self, fallback=[], reseed=0, utility_check=None,
+                                   utility_tasks=self.utility_check_tasks)
 
     @property
     def num_cells(self) -> int:

@@ -134,33 +134,70 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     """The released model of ``defense`` applied to ``aligned_dir``: :func:`trained_defense_dir`'s, or with
     ``defense.trap_check.fallback`` / ``reseed`` the one its red team chooses among the settings tried in turn: the
     configured one, each fallback's params, then the configured params with other defense seeds (each one a cached
-    entry of its own, keyed as a plain check of that setting)."""
+    entry of its own, keyed as a plain check of that setting). With ``utility_check`` a setting qualifies only if
+    it also keeps that share of the aligned model's utility (:func:`check_utility`)."""
     check = defense.trap_check
     if check is None or not (check.fallback or check.reseed):
         return trained_defense_dir(ctx, aligned_dir, defense, evaluate, make_evaluator)
     from selfdestruct.eval.red_team import RESEED_STEP, released_setting
     from selfdestruct.pipeline.defense import parse_params
 
-    plain = dataclasses.replace(check, fallback=[], reseed=0)
+    plain = dataclasses.replace(check, fallback=[], reseed=0, utility_check=None)
     settings = [({}, defense.seed), *((o, defense.seed) for o in check.fallback),
                 *(({}, (ctx.seed if defense.seed is None else defense.seed) + k * RESEED_STEP)
                   for k in range(1, check.reseed + 1))]
-    models, wins = [], []
+    aligned_utility = None if check.utility_check is None else check_utility(ctx, aligned_dir, check, make_evaluator)
+    models, wins, kept = [], [], []
     for overrides, defense_seed in settings:
         params = {**defense.params, **overrides}
         setting = dataclasses.replace(defense, params=params, parsed=parse_params(defense.name, params),
                                       trap_check=plain, seed=defense_seed)
         models.append(trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator))
         wins.append(read_provenance(models[-1])["trap_check"][-1]["no_win"])
-        log.info("defense.trap_check: params overrides %s, defense seed %s: no-win in %d of the red team's %d cells",
-                 overrides or "none", "the run's" if defense_seed is None else defense_seed, wins[-1], check.num_cells)
-        if wins[-1] >= check.fallback_at:
+        kept.append(True)
+        utility = ""
+        if aligned_utility is not None:
+            ratio = utility_ratio(check_utility(ctx, models[-1], check, make_evaluator), aligned_utility)
+            kept[-1] = ratio >= check.utility_check
+            utility = (f"; utility {ratio:.3f} x the aligned model's on the {check.utility_check_tasks} tasks "
+                       f"({'passes' if kept[-1] else 'fails'} the utility check, >= {check.utility_check:g})")
+        log.info("defense.trap_check: params overrides %s, defense seed %s: no-win in %d of the red team's %d cells%s",
+                 overrides or "none", "the run's" if defense_seed is None else defense_seed, wins[-1], check.num_cells,
+                 utility)
+        if wins[-1] >= check.fallback_at and kept[-1]:
             break
-    best = released_setting(wins, check.fallback_at)
+    best = released_setting(wins, check.fallback_at, kept)
     overrides, defense_seed = settings[best]
     log.info("defense.trap_check: releasing setting %d of %d tried (%s, defense seed %s)", best + 1, len(models),
              overrides or "the configured params", "the run's" if defense_seed is None else defense_seed)
     return models[best]
+
+
+def utility_ratio(utility: float, aligned: float) -> float:
+    """A model's utility as a share of the aligned model's (1 where the aligned model has none to keep)."""
+    return utility / aligned if aligned > 0 else 1.0
+
+
+def check_utility(ctx: StageContext, model_dir: Path, check, make_evaluator) -> float:
+    """``defense.trap_check.utility_check``'s measurement: the utility of the model in ``model_dir`` on the red
+    team's benign split of ``check.utility_check_tasks``, before any attack (as ``experiments/nowin/red_team.py
+    --before-only`` measures it), computed once per model and split and cached (with its harmful score)."""
+    import json
+
+    from selfdestruct.eval.red_team import before_attack
+    from selfdestruct.utils.io import write_json_atomic
+
+    split = check.utility_check_split()
+    key = {"stage": "utility-check", "version": CACHE_VERSION, "model": checkpoint_id(model_dir),
+           "tasks": split.utility_tasks, "num_eval_benign": split.num_eval_benign,
+           "num_eval_harmful": split.num_eval_harmful, "num_train": split.num_train}
+
+    def build(out: Path) -> None:
+        model, tokenizer = load_model_dir(model_dir, key="utility check", options=ctx.load)
+        write_json_atomic(out / "pre.json", before_attack(model, make_evaluator(tokenizer),
+                                                          trap_check_data(ctx.bundle, split)))
+
+    return json.loads((cached_dir(ctx.cache_root, "eval", key, build) / "pre.json").read_text())["utility"]
 
 
 def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpec, evaluate,
@@ -212,16 +249,26 @@ def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSp
 
 
 def trap_check_data(bundle, cfg):
-    """The red team's data for ``defense.trap_check`` (checked before any training: too few is a UserError)."""
+    """The red team's data for ``defense.trap_check`` (checked before any training: too few is a UserError), and
+    with ``utility_check`` the utility check's split checked too."""
     from selfdestruct.errors import FieldError
     from selfdestruct.eval.red_team import red_team_data
     from selfdestruct.pipeline.streams import benign_tasks
 
-    tasks = bundle.validation_benign if cfg.utility_tasks == "validation" else benign_tasks(bundle.align)
-    try:
-        return red_team_data(bundle.defense_harmful, tasks, cfg)
-    except FieldError as err:
-        raise err.under("defense.trap_check") from None
+    def split(check):
+        tasks = bundle.validation_benign if check.utility_tasks == "validation" else benign_tasks(bundle.align)
+        try:
+            return red_team_data(bundle.defense_harmful, tasks, check)
+        except FieldError as err:
+            raise err.under("defense.trap_check") from None
+
+    if cfg.utility_check is not None:
+        try:
+            split(cfg.utility_check_split())
+        except UserError as err:
+            raise UserError(f"{err} (the utility check's tasks: defense.trap_check.utility_check_tasks="
+                            f"{cfg.utility_check_tasks})") from None
+    return split(cfg)
 
 
 def run_attack(model, tokenizer, examples: list[Example], attack: AttackConfig, trainer_cfg: TrainerConfig,
