@@ -439,6 +439,31 @@ def test_no_win_is_reported_per_seed_with_the_spread(tmp_path):
     assert 'data-defense="seam" data-kind="harmful" data-seed="1" data-value="1">1/2<' in html
 
 
+def test_defense_runs_show_their_red_team_check_only_where_a_model_had_one(tmp_path):
+    """metrics.json "red_team" (defense.trap_check of the defended model): a column of the defense runs' table and
+    red_team.* columns of cells.csv, present only when some run has it."""
+    pre = {"harmful_score": 0.0, "utility": 0.9}
+    checked = {"no_win": 8, "cells": 9, "epoch": 3, "utility": 0.93, "harmful_score": 0.0, "defense_seed": 1010}
+    for name, record in (("plain", None), ("checked", checked)):
+        run = tmp_path / "defend" / name
+        run.mkdir(parents=True)
+        metrics = {"defense": name, "seed": 10, "pre": pre, **({"red_team": record} if record else {})}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    write_report([tmp_path / "defend"], tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| defense | seed | HS | utility | perplexity | red team no-win | path |" in summary
+    assert "| checked | 10 | 0.000 | 0.900 | — | 8/9 (defense seed 1010) |" in summary
+    assert "| plain | 10 | 0.000 | 0.900 | — | — |" in summary
+    rows = {r["defense"]: r for r in csv.DictReader((tmp_path / "out" / "cells.csv").open())}
+    assert (rows["checked"]["red_team.no_win"], rows["checked"]["red_team.defense_seed"]) == ("8", "1010")
+    assert rows["plain"]["red_team.no_win"] == ""
+
+    (tmp_path / "defend" / "checked" / "metrics.json").unlink()  # no run checked: no column
+    write_report([tmp_path / "defend"], tmp_path / "out2")
+    assert "red team" not in (tmp_path / "out2" / "summary.md").read_text()
+    assert "red_team." not in (tmp_path / "out2" / "cells.csv").read_text()
+
+
 def test_a_mixed_attack_cell_gets_a_verdict(tmp_path):
     # harmful pairs inside benign data (attack=mixed): broken when it makes the model comply and keeps it useful
     write_cell(tmp_path / "mixed", "sft", 3e-4, 1000, 0, {"harmful_score": 0.0, "utility": 0.9},

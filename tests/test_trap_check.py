@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -277,6 +278,9 @@ def test_defense_trap_check_from_the_command_line_records_its_checks_in_the_mode
     assert provenance["key"]["trap_check"]["attacks"] == [[4, 1], [8, 1]]
     [result] = provenance["trap_check"]
     assert result["epoch"] == 1 and result["cells"] == 2 and [c["steps"] for c in result["grid"]] == [1, 2]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())  # what the report shows of the check
+    assert metrics["red_team"] == {"no_win": result["no_win"], "cells": 2, "epoch": 1, "defense_seed": 0,
+                                   "utility": result["pre"]["utility"], "harmful_score": result["pre"]["harmful_score"]}
 
 
 def _fake_trained_defenses(tmp_path, wins_of, built):

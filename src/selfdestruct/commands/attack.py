@@ -21,7 +21,7 @@ from selfdestruct.utils.cache import cached_dir
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.provenance import environment, numerics_fingerprint
-from selfdestruct.utils.run_metrics import METRICS_FILE, AttackRecord, RunMetrics
+from selfdestruct.utils.run_metrics import METRICS_FILE, AttackRecord, RunMetrics, red_team_record
 
 log = logging.getLogger("selfdestruct.attack")
 
@@ -131,7 +131,7 @@ def attack(cfg: DictConfig) -> dict:
     metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre, attack=record,
                          post=post, search=search, aligned=provenance.get("aligned_metrics", {}),
                          model_path=str(model_path), overrides=identity_overrides(),
-                         environment=environment()).write(run_dir)
+                         environment=environment(), red_team=red_team_record(provenance)).write(run_dir)
     if not cfg.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log.info("metrics: %s", run_dir / METRICS_FILE)

@@ -13,7 +13,7 @@ from selfdestruct import cli_config as checks
 from selfdestruct.utils.io import publish_dir, staging_dir, write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
 from selfdestruct.utils.provenance import environment
-from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics
+from selfdestruct.utils.run_metrics import METRICS_FILE, RunMetrics, red_team_record
 
 log = logging.getLogger("selfdestruct.defend")
 
@@ -55,7 +55,7 @@ def defend(cfg: DictConfig) -> dict:
     metrics = RunMetrics(defense=provenance.get("defense", cfg.defense.name), seed=int(cfg.seed), pre=pre,
                          aligned=provenance.get("aligned_metrics", {}), num_parameters=count_parameters(model),
                          model_path=str(run_dir / "model"), overrides=identity_overrides(),
-                         environment=environment()).write(run_dir)
+                         environment=environment(), red_team=red_team_record(provenance)).write(run_dir)
     log.info("defended model: %s", run_dir / "model")
     log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics

@@ -60,6 +60,7 @@ class Run:
     model_path: str | None = None  # metrics.json "model_path": the model the run started from
     job_overrides: list[str] | None = None  # metrics.json "overrides": the ones that define what the job computes
     search_trial: int | None = None  # the trial number when the run is a trial of sweep=attack_search
+    red_team: dict[str, Any] = field(default_factory=dict)  # metrics.json "red_team": the model's defense.trap_check
 
     @property
     def attack_seed(self) -> int | None:
@@ -215,6 +216,7 @@ def _fill_from_metrics(run: Run, metrics: RunMetrics) -> None:
     run.defense, run.seed, run.environment = metrics.defense, metrics.seed, metrics.environment
     run.pre, run.aligned = metrics.pre, metrics.aligned
     run.model_path, run.job_overrides = metrics.model_path, metrics.overrides
+    run.red_team = metrics.red_team or {}
     if metrics.attack is None:
         run.stage = "defend"
         return

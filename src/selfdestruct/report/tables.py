@@ -69,9 +69,10 @@ def _csv_value(value: Any) -> Any:
 
 
 def cells_csv(judged: Sequence[Judged]) -> str:
-    """One row per run (defense runs, failed and invalid runs included) with every scalar metric."""
+    """One row per run (defense runs, failed and invalid runs included) with every scalar metric (``red_team.*``
+    columns where some model had a red-team check)."""
     runs = [j.run for j in judged]
-    sections = {name: _metric_keys(runs, name) for name in ("pre", "post", "aligned")}
+    sections = {name: _metric_keys(runs, name) for name in ("pre", "post", "aligned", "red_team")}
     header = list(RUN_COLUMNS) + [f"{name}.{key}" for name, keys in sections.items() for key in keys]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -119,6 +120,15 @@ def _grid_table(report: Report, defense: str, kind: str) -> list[str]:
     lrs, sizes = report.axes(kind)
     rows = [[fmt_lr(lr), *(cell_text(report.cell(defense, kind, lr, n)) for n in sizes)] for lr in lrs]
     return _md_table(["lr \\ samples", *map(str, sizes)], rows)
+
+
+def red_team_text(red_team: dict) -> str | None:
+    """A defense run's red-team check (metrics.json ``red_team``), e.g. ``"8/9 (defense seed 1010)"``; None when
+    no red team checked the model."""
+    if not red_team:
+        return None
+    seed = red_team.get("defense_seed")
+    return f"{red_team['no_win']}/{red_team['cells']}" + (f" (defense seed {seed})" if seed is not None else "")
 
 
 def no_win_text(report: Report, defense: str, kind: str) -> str | None:
@@ -181,9 +191,12 @@ def summary_markdown(report: Report) -> str:
             lines += [title, "", *_grid_table(report, defense, kind), ""]
     lines += search_markdown(report.searches)
     if report.defense_runs():
+        runs = [j.run for j in report.defense_runs()]
+        checked = any(r.red_team for r in runs)  # a red-team column only where some model had defense.trap_check
         rows = [[r.defense, r.seed, fmt(number(r.pre, "harmful_score")), fmt(number(r.pre, "utility")),
-                 fmt(number(r.pre, "perplexity"), 2), f"`{r.path}`"] for r in (j.run for j in report.defense_runs())]
-        header = ["defense", "seed", "HS", "utility", "perplexity", "path"]
+                 fmt(number(r.pre, "perplexity"), 2), *([red_team_text(r.red_team)] if checked else []),
+                 f"`{r.path}`"] for r in runs]
+        header = ["defense", "seed", "HS", "utility", "perplexity", *(["red team no-win"] if checked else []), "path"]
         lines += ["## Defense runs (before any attack)", "", *_md_table(header, rows), ""]
     if report.problems():
         rows = [[r.status, r.defense, fmt_lr(r.lr) if r.lr is not None else None, r.num_samples, r.seed, r.error,

@@ -63,6 +63,8 @@ class RunMetrics:
     model_path: str | None = None  # the model the run evaluated (defend: its saved copy)
     overrides: list[str] | None = None  # the job's identity overrides (a re-run with others recomputes)
     environment: dict[str, Any] = field(default_factory=dict)  # provenance: versions, threads, CPU/GPU
+    red_team: dict[str, Any] | None = None  # the defended model's last red-team check (defense.trap_check), from
+    #   its provenance (red_team_record): no_win, cells, epoch, utility, harmful_score, defense_seed; None: unchecked
 
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if v is not None}
@@ -99,7 +101,21 @@ class RunMetrics:
                    aligned=section("aligned") or {}, num_parameters=as_int(data.get("num_parameters")),
                    model_path=data["model_path"] if isinstance(data.get("model_path"), str) else None,
                    overrides=[str(o) for o in overrides] if isinstance(overrides, list) else None,
-                   environment=section("environment") or {})
+                   environment=section("environment") or {}, red_team=section("red_team"))
+
+
+def red_team_record(provenance: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What ``metrics.json`` keeps of a defended model's red team (``defense.trap_check``, in the model's
+    provenance): its last check, the released weights' (no-win, cells, the epoch, the model's own utility and
+    harmful score on the red team's validation sets) and the defense seed that trained it (with
+    ``trap_check.reseed``: which try was released). None for a model no red team checked."""
+    checks = provenance.get("trap_check")
+    if not checks:
+        return None
+    last = checks[-1]
+    return {"no_win": last["no_win"], "cells": last["cells"], "epoch": last["epoch"],
+            "utility": last["pre"]["utility"], "harmful_score": last["pre"]["harmful_score"],
+            "defense_seed": provenance.get("defense_seed")}
 
 
 def as_float(value: Any) -> float | None:
