@@ -428,9 +428,16 @@ def test_the_utility_check_measures_each_tried_model_as_the_red_teams_before_att
         (chosen / "model.safetensors").read_bytes()
 
     calls.clear()  # a second run: every model cached, so a measurement now would fail
+    measured = red_team_module.before_attack
     monkeypatch.setattr(red_team_module, "before_attack", lambda *a, **k: pytest.fail("measured again"))
     defend(compose_config("defend", overrides, tmp_path / "again"))
     assert [u for _, u in calls] == [aligned_utility, *(u for _, u in tried)]
+
+    seen = []  # other evaluation settings: the same models (cached), measured again
+    calls.clear()
+    monkeypatch.setattr(red_team_module, "before_attack", lambda *a, **k: seen.append(1) or measured(*a, **k))
+    defend(compose_config("defend", [*overrides, "eval.max_new_tokens=6"], tmp_path / "other_eval"))
+    assert len(seen) == len(calls) == 1 + len(tried)
 
 
 def test_a_reseed_retry_is_the_entry_the_explicit_defense_seed_command_builds(tmp_path):

@@ -27,6 +27,7 @@ from selfdestruct.pipeline.stages import (DefenseSpec, aligned_model_dir, base_m
                                          trap_check_data)
 from selfdestruct.pipeline.training import StageContext
 from selfdestruct.utils.loggers import build_loggers
+from selfdestruct.utils.provenance import environment, numerics_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ def evaluator(cfg: DictConfig, tokenizer, bundle: DataBundle) -> Evaluator:
                      max_new_tokens=int(cfg.eval.max_new_tokens), batch_size=int(cfg.eval.batch_size),
                      collapse_token_id=collapse_id, fmt=prompt_format(cfg),
                      show_progress=bool(cfg.trainer.progress_bar), device=eval_device(cfg))
+
+
+def evaluation_key(cfg: DictConfig) -> dict:
+    """What identifies an evaluation of a given model, for the keys of cached evaluations: the evaluation's settings,
+    the data and the numerical environment (greedy decoding gives the same numbers for the same three)."""
+    evaluated = {k: v for k, v in resolved_config(cfg.eval).items() if k != "device"}
+    if (device := eval_device(cfg)) != "cpu":  # CPU keys stay those of the runs made before eval.device existed
+        evaluated["device"] = device
+    return {"eval": evaluated, "data": data_key(cfg), "environment": numerics_fingerprint(environment())}
 
 
 def eval_device(cfg: DictConfig) -> str:
@@ -133,7 +143,7 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
         trap_check_data(bundle, spec.trap_check)
     ctx = StageContext(bundle=bundle, trainer=trainer_config(cfg), seed=int(cfg.seed), fmt=prompt_format(cfg),
                        cache_root=cache_root(cfg), data_key=data_key(cfg), loggers=list(loggers or []),
-                       run_dir=run_dir, load=load_options(cfg))
+                       run_dir=run_dir, load=load_options(cfg), eval_key=evaluation_key(cfg))
     if cfg.model.get("source") == "hf":
         if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path:
             raise UserError("model.path is required with model=hf: a local Hugging Face checkpoint directory")

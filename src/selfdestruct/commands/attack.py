@@ -20,7 +20,7 @@ from selfdestruct.pipeline.config import AttackConfig
 from selfdestruct.utils.cache import cached_dir
 from selfdestruct.utils.io import write_json_atomic
 from selfdestruct.utils.job import complete_metrics, hydra_output_dir, identity_overrides, run_job
-from selfdestruct.utils.provenance import environment, numerics_fingerprint
+from selfdestruct.utils.provenance import environment
 from selfdestruct.utils.run_metrics import METRICS_FILE, AttackRecord, RunMetrics, red_team_record
 
 log = logging.getLogger("selfdestruct.attack")
@@ -62,12 +62,8 @@ def pre_attack_evaluation(cfg: DictConfig, model_path, run):
     from selfdestruct import cli_common as cc
     from selfdestruct.pipeline.stages import CACHE_VERSION, checkpoint_id
 
-    evaluated = {k: v for k, v in checks.resolved_config(cfg.eval).items() if k != "device"}
-    if (device := cc.eval_device(cfg)) != "cpu":  # CPU keys stay those of the runs made before eval.device existed
-        evaluated["device"] = device
     key = {"stage": "pre-attack", "version": CACHE_VERSION, "model": checkpoint_id(Path(model_path)),
-           "eval": evaluated, "data": checks.data_key(cfg),
-           "environment": numerics_fingerprint(environment())}
+           **cc.evaluation_key(cfg)}
 
     def build(out: Path) -> None:
         metrics, samples = run()

@@ -181,7 +181,8 @@ def utility_ratio(utility: float, aligned: float) -> float:
 def check_utility(ctx: StageContext, model_dir: Path, check, make_evaluator) -> float:
     """``defense.trap_check.utility_check``'s measurement: the utility of the model in ``model_dir`` on the red
     team's benign split of ``check.utility_check_tasks``, before any attack (as ``experiments/nowin/red_team.py
-    --before-only`` measures it), computed once per model and split and cached (with its harmful score)."""
+    --before-only`` measures it), computed once per model, split and evaluation (``ctx.eval_key``) and cached (with
+    its harmful score)."""
     import json
 
     from selfdestruct.eval.red_team import before_attack
@@ -190,7 +191,7 @@ def check_utility(ctx: StageContext, model_dir: Path, check, make_evaluator) -> 
     split = check.utility_check_split()
     key = {"stage": "utility-check", "version": CACHE_VERSION, "model": checkpoint_id(model_dir),
            "tasks": split.utility_tasks, "num_eval_benign": split.num_eval_benign,
-           "num_eval_harmful": split.num_eval_harmful, "num_train": split.num_train}
+           "num_eval_harmful": split.num_eval_harmful, "num_train": split.num_train, **ctx.eval_key}
 
     def build(out: Path) -> None:
         model, tokenizer = load_model_dir(model_dir, key="utility check", options=ctx.load)

@@ -43,6 +43,8 @@ class StageContext:
     loggers: list[Logger] = field(default_factory=list)  # the job's loggers (each stage adds its own CSV log)
     run_dir: Path | None = None  # the job's output directory
     load: LoadOptions = LoadOptions()  # how checkpoints are loaded
+    eval_key: dict[str, Any] = field(default_factory=dict)  # what identifies the job's evaluation (its settings,
+    #   data and numerical environment) in the keys of cached evaluations (cli_common.evaluation_key)
 
 
 class RNGState(pl.Callback):
