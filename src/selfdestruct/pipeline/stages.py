@@ -154,16 +154,12 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
                                       trap_check=plain, seed=defense_seed)
         models.append(trained_defense_dir(ctx, aligned_dir, setting, evaluate, make_evaluator))
         wins.append(read_provenance(models[-1])["trap_check"][-1]["no_win"])
-        kept.append(True)
-        utility = ""
-        if aligned_utility is not None:
-            ratio = utility_ratio(check_utility(ctx, models[-1], check, make_evaluator), aligned_utility)
-            kept[-1] = ratio >= check.utility_check
-            utility = (f"; utility {ratio:.3f} x the aligned model's on the {check.utility_check_tasks} tasks "
-                       f"({'passes' if kept[-1] else 'fails'} the utility check, >= {check.utility_check:g})")
+        passed, note = (True, "") if aligned_utility is None else \
+            passes_utility_check(ctx, models[-1], check, aligned_utility, make_evaluator)
+        kept.append(passed)
         log.info("defense.trap_check: params overrides %s, defense seed %s: no-win in %d of the red team's %d cells%s",
                  overrides or "none", "the run's" if defense_seed is None else defense_seed, wins[-1], check.num_cells,
-                 utility)
+                 note)
         if wins[-1] >= check.fallback_at and kept[-1]:
             break
     best = released_setting(wins, check.fallback_at, kept)
@@ -173,9 +169,15 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
     return models[best]
 
 
-def utility_ratio(utility: float, aligned: float) -> float:
-    """A model's utility as a share of the aligned model's (1 where the aligned model has none to keep)."""
-    return utility / aligned if aligned > 0 else 1.0
+def passes_utility_check(ctx: StageContext, model_dir: Path, check, aligned_utility: float,
+                         make_evaluator) -> tuple[bool, str]:
+    """Whether the model in ``model_dir`` keeps ``check.utility_check`` x the aligned model's utility (1 where the
+    aligned model has none to keep), and what to log of it."""
+    utility = check_utility(ctx, model_dir, check, make_evaluator)
+    ratio = utility / aligned_utility if aligned_utility > 0 else 1.0
+    passed = ratio >= check.utility_check
+    return passed, (f"; utility {ratio:.3f} x the aligned model's on the {check.utility_check_tasks} tasks "
+                    f"({'passes' if passed else 'fails'} the utility check, >= {check.utility_check:g})")
 
 
 def check_utility(ctx: StageContext, model_dir: Path, check, make_evaluator) -> float:
