@@ -30,6 +30,8 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
     **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
         ("selection", "selection.md", "results"),
+        ("s13-checked", "s13_checked.md", "s13_checked"),
+        ("s13-first", "s13_first.md", "s13_first"),
         ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
         ("baselines", "baselines.md", "baselines"),
         ("second-machine", "selection_second_machine.md", "second_machine"),
