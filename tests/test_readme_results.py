@@ -27,6 +27,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
     "README-third-machine-rerun": (REPO / "README.md", REPO / "experiments" / "results_third_machine_rerun.md",
                                    "third_machine_rerun"),
     "README-avx512-rerun": (REPO / "README.md", REPO / "experiments" / "results_avx512_rerun.md", "avx512_rerun"),
+    "README-avx512-third": (REPO / "README.md", REPO / "experiments" / "results_avx512_third.md", "avx512_third"),
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
     **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
         ("selection", "selection.md", "results"),
