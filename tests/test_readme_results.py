@@ -588,6 +588,44 @@ def test_release_script_rejects_a_later_step_that_is_not_name_colon_override_bef
     assert not (out / "trained").exists()
 
 
+
+@pytest.mark.parametrize("which", ["checked", "first"])
+def test_checked_script_runs_the_release_as_configured_into_its_own_directories(tmp_path, which):
+    """experiments/nowin/checked.sh with python replaced by a stub that records its arguments: the grid (two threads)
+    and the benign fine-tune of one release, each into OUT/WHICH_sSEED, and each command's overrides compose into
+    the release they name (the built-in checked release at 0.95, or the first try's measuring check alone)."""
+    import os
+    import subprocess
+
+    from helpers import compose_config
+
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "calls"}\n')
+    (stub / "python").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stub}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", str(NOWIN / "checked.sh"), str(out), "10", which], check=True, capture_output=True,
+                   env=env)
+    grid, benign = [c.split() for c in (tmp_path / "calls").read_text().splitlines()]
+    assert grid[:3] == ["-m", "selfdestruct.attack", "sweep=attack_grid"] and "trainer.branch_threads=2" in grid
+    assert benign[:5] == ["-m", "selfdestruct.attack", "--multirun", "model_path=defend", "attack=benign"]
+    assert [grid[-1], benign[-1]] == [f"hydra.sweep.dir={out}/{which}_s10/{sweep}" for sweep in ("grid", "benign")]
+    assert (out / f"{which}_s10" / "DONE").exists()
+    for call in (grid, benign):
+        check = compose_config("attack", [a for a in call[2:] if a != "--multirun"], tmp_path / "run").defense.trap_check
+        release = (check.from_epoch, check.get("reseed", 0), check.get("utility_check"))  # unset: the defaults
+        assert release == ((3, 2, 0.95) if which == "checked" else (3, 0, None))
+
+
+def test_checked_script_rejects_an_unknown_release_before_any_run(tmp_path):
+    import subprocess
+
+    run = subprocess.run(["bash", str(NOWIN / "checked.sh"), str(tmp_path / "out"), "10", "plain"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "is 'checked' or 'first', not 'plain'" in run.stderr
+    assert not (tmp_path / "out").exists()
+
 def test_the_stamp_names_each_machine_with_its_kernel_path():
     gen = _generator()
     env = {"cpu": "AMD EPYC", "packages": {"torch": "2.13.0+cpu"}, "torch_threads": 1, "python": "3.11.7"}

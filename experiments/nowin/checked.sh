@@ -4,7 +4,8 @@
 #   bash experiments/nowin/checked.sh OUT SEED          # into OUT/checked_sSEED/{grid,benign}
 #   bash experiments/nowin/checked.sh OUT SEED first    # the first try alone (its cached entry), OUT/first_sSEED/...
 # Against SFT's runs of the same seed (bash experiments/nowin/candidate.sh OUT sft SEED sft):
-#   python -m selfdestruct.report.acceptance OUT/checked_sS/grid OUT/checked_sS/benign --sft OUT/sft/sS/grid OUT/sft/sS/benign
+#   python -m selfdestruct.report.acceptance OUT/checked_sS/grid OUT/checked_sS/benign \
+#     --sft OUT/sft/sS/grid OUT/sft/sS/benign
 # One torch thread per command, two for the defense's look-ahead radii (as README command 1 runs ctrap_tuned).
 set -euo pipefail
 out=$1; seed=$2; which=${3:-checked}
