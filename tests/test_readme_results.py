@@ -33,6 +33,7 @@ BLOCKS = {  # test id: (the README, the generated file its block must equal, the
         ("selection", "selection.md", "results"),
         ("s13-checked", "s13_checked.md", "s13_checked"),
         ("s13-first", "s13_first.md", "s13_first"),
+        ("checked-heldout", "checked_heldout.md", "checked_heldout"),
         ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
         ("baselines", "baselines.md", "baselines"),
         ("second-machine", "selection_second_machine.md", "second_machine"),
