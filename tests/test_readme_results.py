@@ -589,7 +589,6 @@ def test_release_script_rejects_a_later_step_that_is_not_name_colon_override_bef
     assert not (out / "trained").exists()
 
 
-
 @pytest.mark.parametrize("which", ["checked", "first"])
 def test_checked_script_runs_the_release_as_configured_into_its_own_directories(tmp_path, which):
     """experiments/nowin/checked.sh with python replaced by a stub that records its arguments: the grid (two threads)
@@ -626,6 +625,7 @@ def test_checked_script_rejects_an_unknown_release_before_any_run(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2 and "is 'checked' or 'first', not 'plain'" in run.stderr
     assert not (tmp_path / "out").exists()
+
 
 def test_the_stamp_names_each_machine_with_its_kernel_path():
     gen = _generator()
