@@ -1,7 +1,7 @@
 """The embedded default end to end, as the README's quickstart runs it: the acceptance numbers hold.
 
 Slow (about four minutes on two cores): pre-training, alignment, three attacks and a benign fine-tune. Every
-assertion is a property that held with margin on every seed and CPU kernel path measured (see README, "Results"),
+assertion is a property that held with margin on every seed and CPU kernel path measured (docs/results.md),
 not a number fitted to one machine.
 """
 

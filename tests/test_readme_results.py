@@ -20,14 +20,18 @@ def _generator():
 
 
 NOWIN = REPO / "experiments" / "nowin"
-BLOCKS = {  # test id: (the README, the generated file its block must equal, the block's marker)
-    "README": (REPO / "README.md", GENERATED, "results"),
-    "README-second-machine": (REPO / "README.md", REPO / "experiments" / "results_second_machine.md", "second_machine"),
-    "README-third-machine": (REPO / "README.md", REPO / "experiments" / "results_third_machine.md", "third_machine"),
-    "README-third-machine-rerun": (REPO / "README.md", REPO / "experiments" / "results_third_machine_rerun.md",
-                                   "third_machine_rerun"),
-    "README-avx512-rerun": (REPO / "README.md", REPO / "experiments" / "results_avx512_rerun.md", "avx512_rerun"),
+DOCS = REPO / "docs"
+BLOCKS = {  # test id: (the document, the generated file its block must equal, the block's marker)
     "README-avx512-third": (REPO / "README.md", REPO / "experiments" / "results_avx512_third.md", "avx512_third"),
+    **{f"docs-results-{name}": (DOCS / "results.md", REPO / "experiments" / generated, marker)
+       for name, generated, marker in (
+        ("intel", "results.md", "results"),
+        ("second-machine", "results_second_machine.md", "second_machine"),
+        ("avx512-rerun", "results_avx512_rerun.md", "avx512_rerun"),
+        ("avx512-third", "results_avx512_third.md", "avx512_third"),
+        ("third-machine", "results_third_machine.md", "third_machine"),
+        ("third-machine-rerun", "results_third_machine_rerun.md", "third_machine_rerun"),
+    )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
     **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
         ("selection", "selection.md", "results"),

@@ -3,7 +3,7 @@
 ``SELFDESTRUCT_REPRODUCIBLE=1`` (opt-in) fixes the CPU kernel path before torch is imported: torch's portable
 kernels (``ATEN_CPU_CAPABILITY=default``) and MKL's conditional numerical reproducibility
 (``MKL_CBWR=COMPATIBLE``), so that the numbers do not depend on the processor's SIMD level. Measured, that is not
-enough for bit-exact reruns across processor vendors (an Intel Xeon and an AMD EPYC differ; README, "The same
+enough for bit-exact reruns across processor vendors (an Intel Xeon and an AMD EPYC differ; docs/results.md, "The same
 commands on a second machine"). Its cost on the embedded default is measured by ``benchmarks/kernel_path.py``.
 Values already set in the environment win.
 """
