@@ -31,6 +31,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("avx512-third", "results_avx512_third.md", "avx512_third"),
         ("third-machine", "results_third_machine.md", "third_machine"),
         ("third-machine-rerun", "results_third_machine_rerun.md", "third_machine_rerun"),
+        ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
     **{f"nowin-README-{name}": (NOWIN / "README.md", NOWIN / generated, marker) for name, generated, marker in (
