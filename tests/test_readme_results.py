@@ -39,6 +39,8 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("s13-checked", "s13_checked.md", "s13_checked"),
         ("s13-first", "s13_first.md", "s13_first"),
         ("checked-heldout", "checked_heldout.md", "checked_heldout"),
+        ("checked-40-44", "checked_40_44.md", "checked_40_44"),
+        ("checked-40-44-first", "checked_40_44_first.md", "checked_40_44_first"),
         ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
         ("baselines", "baselines.md", "baselines"),
         ("second-machine", "selection_second_machine.md", "second_machine"),

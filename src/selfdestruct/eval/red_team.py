@@ -70,7 +70,8 @@ class TrapCheckConfig:
     utility_check: float | None = None  # with fallback or reseed: a setting qualifies (is released first, ends the
     #   tries) only if also its utility on the utility_check_tasks (before any attack, the red team's benign split) is
     #   >= this x the aligned model's on the same tasks, and the fallback prefers the settings that pass it; null: no
-    #   check (experiments/nowin/README.md, "A utility check before release": 0.95, an unconfirmed option)
+    #   check (experiments/nowin/README.md, "A utility check before release": 0.95, with experiment=nowin_reseed the
+    #   recommended release of a ctrap_tuned model, confirmed on never-used seeds 40-44)
     utility_check_tasks: str = "validation"  # the tasks the utility check judges on (as utility_tasks): by default
     #   the defender's validation tasks, which no training split holds (the synthetic world only; "align" otherwise)
 
