@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import SMOKE_OVERRIDES
 from helpers import compose_config
-from selfdestruct.utils.cache import cached_dir
+from selfdestruct.utils.cache import cached_dir, entry_dir
 
 SWEEP_SMOKE = [o for o in SMOKE_OVERRIDES] + ["attack.lr=1e-4"]
 
@@ -92,6 +92,36 @@ def _build_entry(root: str, counter: str, start: float) -> str:
     while time.time() < start:
         time.sleep(0.01)
     return str(cached_dir(Path(root), "race", {"key": 1}, build))
+
+
+def test_a_job_waiting_for_another_jobs_build_says_so_and_then_uses_it(tmp_path, caplog):
+    import fcntl
+    import logging
+    import threading
+
+    final = entry_dir(tmp_path, "race", {"key": 2})
+    final.parent.mkdir(parents=True)
+    built: list[str] = []
+
+    def build(out: Path) -> None:
+        built.append("this job")
+        (out / "payload.txt").write_text("complete")
+
+    with open(final.with_suffix(".lock"), "w") as other_job:  # another job holds the entry's lock
+        fcntl.flock(other_job, fcntl.LOCK_EX)
+        result: list[Path] = []
+        with caplog.at_level(logging.INFO, logger="selfdestruct.utils.cache"):
+            waiter = threading.Thread(target=lambda: result.append(cached_dir(tmp_path, "race", {"key": 2}, build)))
+            waiter.start()
+            deadline = time.time() + 10
+            while "waiting for another job building race" not in caplog.text and time.time() < deadline:
+                time.sleep(0.01)
+            assert "waiting for another job building race" in caplog.text
+            assert waiter.is_alive() and not built  # still blocked: nothing built behind the other job's back
+            fcntl.flock(other_job, fcntl.LOCK_UN)
+            waiter.join(10)
+    assert result == [final] and built == ["this job"]  # the other job died without building: this one builds
+    assert (final / "payload.txt").read_text() == "complete"
 
 
 def test_two_jobs_racing_for_a_cache_entry_build_it_once(tmp_path):

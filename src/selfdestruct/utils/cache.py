@@ -68,7 +68,11 @@ def cached_dir(root: Path, kind: str, key_obj: Any, build: Callable[[Path], None
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why nothing moves: another job is building this entry
+            log.info("waiting for another job building %s into %s", kind, final)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / DONE_MARKER).exists():  # another job built it while we waited
             log.info("cache hit after waiting: %s %s", kind, final)
             return final
