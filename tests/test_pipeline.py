@@ -254,3 +254,16 @@ def test_defense_seed_trains_the_defense_in_its_own_order_on_one_aligned_model(t
     assert not all(torch.equal(weights["null"][k], weights["other"][k]) for k in weights["null"])
     assert len(list((cache / "align").glob("*/key.json"))) == 1  # one aligned model under all three
     assert len(list((cache / "defend").glob("*/key.json"))) == 3
+
+
+def test_stage_logs_keep_lightnings_cloud_logger_advert_out(caplog):
+    import logging
+
+    import pytorch_lightning as pl
+
+    import selfdestruct.pipeline.training  # noqa: F401  (installs the filter)
+
+    with caplog.at_level(logging.INFO):
+        pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    assert "GPU available" in caplog.text  # Lightning's own start-up lines still reach the log
+    assert "litlogger" not in caplog.text

@@ -27,6 +27,17 @@ from selfdestruct.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.ckpt"
+
+
+class _NoAdvert(logging.Filter):
+    """Drops the advertisement for a cloud logger that Lightning logs at every Trainer's construction (the red team
+    builds dozens of trainers a run), so the stage logs keep what this run did."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvert())
 CHECKPOINT_KEY = "key.json"
 
 
