@@ -257,11 +257,12 @@ def test_defense_seed_trains_the_defense_in_its_own_order_on_one_aligned_model(t
 
 
 def test_stage_logs_keep_lightnings_cloud_logger_advert_out(caplog):
+    import importlib
     import logging
 
     import pytorch_lightning as pl
 
-    import selfdestruct.pipeline.training  # noqa: F401  (installs the filter)
+    importlib.import_module("selfdestruct.pipeline.training")  # the stages' module installs the filter
 
     with caplog.at_level(logging.INFO):
         pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
