@@ -29,6 +29,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("avx512-rerun", "results_avx512_rerun.md", "avx512_rerun"),
         ("third-machine", "results_third_machine.md", "third_machine"),
         ("third-machine-rerun", "results_third_machine_rerun.md", "third_machine_rerun"),
+        ("avx2-fourth", "results_avx2_fourth.md", "avx2_fourth"),
         ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
