@@ -42,6 +42,8 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("checked-40-44-first", "checked_40_44_first.md", "checked_40_44_first"),
         ("checked-portable", "checked_portable.md", "checked_portable"),
         ("red-team-portable", "red_team_portable.md", "red_team_portable"),
+        ("confirm-45-49-release", "confirm_45_49_release.md", "confirm_45_49_release"),
+        ("confirm-45-49-candidate", "confirm_45_49_candidate.md", "confirm_45_49_candidate"),
         ("ctrap-recipe", "ctrap_recipe.md", "ctrap_recipe"),
         ("baselines", "baselines.md", "baselines"),
         ("second-machine", "selection_second_machine.md", "second_machine"),
