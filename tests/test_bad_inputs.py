@@ -47,6 +47,9 @@ BAD_ATTACK = [
     (["attack=lora", "attack.lora.alpha=-2"], "attack.lora.alpha=-2"),
     (["attack=lora", "attack.lora.dropout=1.0"], "attack.lora.dropout=1.0"),
     (["attack=lora", "attack.lora.target_modules=[]"], "attack.lora.target_modules"),
+    (["+attack.epoch=3"], "attack.epoch: unknown option (known: batch_size"),  # Hydra's "use +" advice, taken
+    (["+eval.max_new_token=8"], "+eval.max_new_token: no setting of this command reads eval.max_new_token"),
+    (["defense=ctrap", "+defense.params.lamda=1"], "defense.params.lamda: unknown option (known: adam_beta2"),
     (["defense=seam", "defense.params.eps=0"], "defense.params.eps=0: expected a finite number > 0"),
     (["defense=seam", "defense.params.beta=nan"], "defense.params.beta=nan"),
     (["defense=seam", "defense.params.estimator=backward"], "defense.params.estimator='backward'"),
@@ -91,6 +94,14 @@ BAD_DEFEND = [
      "defense.trap_check.attacks=[[100, 2], [500, 2], [500, 4]]: the red team trains on 500 pairs"),
     (["+defense.trap_check={}"], "defense.trap_check: defense=sft trains nothing"),
     (["trainer.branch_threads=0"], "trainer.branch_threads=0"),
+    # a key added with `+` that nothing reads is refused (else the run would go on without the setting)
+    (["+eval.max_new_token=8"], "+eval.max_new_token: no setting of this command reads eval.max_new_token, so it "
+                                "would change nothing (known keys of eval: batch_size, chat,"),
+    (["+sede=3"], "+sede: no setting of this command reads sede, so it would change nothing"),
+    (["+attack.lr=1e-4"], "+attack.lr: no setting of this command reads attack.lr"),
+    (["+logger.wandb.entiti=me"], "+logger.wandb.entiti: no setting of this command reads logger.wandb.entiti"),
+    (["+data.harmful_pth=x.json"], "+data.harmful_pth: no setting of this command reads data.harmful_pth"),
+    (["+model.hidden_sise=64"], "model.hidden_sise: unknown option (known: hidden_size,"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.precision=bf16-mixed"],
      "trainer.branch_threads=2 runs a step's branches as threads of one process in fp32"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.devices=2"], "needs trainer.precision=32-true"),
@@ -122,6 +133,28 @@ def test_bad_defend_input_is_one_line_naming_the_key(overrides, needle, tmp_path
     monkeypatch.setenv("WANDB_MODE", "disabled")
     overrides = [f"paths.cache_dir={tmp_path / 'cache'}", *overrides]
     _fails_before_work(defend_entry, "defend", overrides, needle, tmp_path, capsys)
+
+
+def test_an_added_key_the_attack_of_a_given_model_does_not_read_is_refused(tmp_path, capsys, monkeypatch):
+    """With model_path=DIR nothing builds a defended model, so a defense setting would change nothing."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = ["model_path=/nowhere/model", f"paths.cache_dir={tmp_path / 'cache'}", "+defense.params.lam=1"]
+    _fails_before_work(attack_entry, "attack", overrides, "+defense.params.lam: no setting of this command reads",
+                       tmp_path, capsys)
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("defend", ["+eval.max_examples=4"]),  # declared null in conf/eval/default.yaml: Hydra's `+` may set it
+    ("defend", ["+data.attack_file=x.jsonl"]),  # declared null in conf/data/synthetic.yaml
+    ("defend", ["defense=ctrap_tuned", "experiment=nowin_reseed", "+defense.trap_check.utility_tasks=validation"]),
+    ("attack", ["model_path=defend", "defense=ctrap", "+defense.seed=3"]),
+])
+def test_added_keys_that_are_read_pass_the_check(config, overrides, tmp_path):
+    from selfdestruct.cli_config import STAGE_NODES, check_added_keys
+
+    cfg = compose_config(config, overrides, tmp_path)
+    builds = STAGE_NODES if config == "defend" or cfg.model_path == "defend" else ()
+    check_added_keys(cfg, ("attack", "objective", "trainer", *builds) if config == "attack" else builds)
 
 
 def test_a_zero_epoch_attack_exits_2_from_the_command_line(tmp_path):

@@ -77,6 +77,8 @@ def test_an_unknown_eval_device_is_refused_before_any_work(tmp_path):
     ("selfdestruct.attack", ["model_path=defend", "attack.epochs=0"], "attack.epochs=0"),
     ("selfdestruct.attack", ["model_path=defend", "pretrain.batch_size=0"], "pretrain.batch_size=0"),
     ("selfdestruct.defend", ["align.lr=0"], "align.lr=0"),
+    ("selfdestruct.defend", ["+eval.max_new_token=8"], "+eval.max_new_token: no setting of this command reads"),
+    ("selfdestruct.defend", ["+model.hidden_sise=64"], "model.hidden_sise: unknown option"),
     ("selfdestruct.defend", ["trainer.branch_threads=2", "trainer.precision=bf16-mixed"], "trainer.branch_threads=2"),
     ("selfdestruct.evaluate", ["model_path=/nowhere/model"], "model_path=/nowhere/model: no such directory"),
     ("selfdestruct.evaluate", ["model_path=/nowhere/model", "eval.device=tpu"], "eval.device=tpu"),

@@ -12,18 +12,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from selfdestruct import CONF_DIR
 
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
 from selfdestruct.data.synthetic import WorldConfig
 from selfdestruct.errors import UserError, build_config
+from selfdestruct.models.arch import TinyLlamaConfig
 from selfdestruct.models.files import check_model_location
 from selfdestruct.pipeline.config import OptimConfig, TrainerConfig
 from selfdestruct.utils.cache import default_cache_root
 
 log = logging.getLogger(__name__)
+
+# The config nodes of the base -> alignment -> defense stages; a command that builds them reads these.
+STAGE_NODES = ("model", "pretrain", "align", "trainer", "defense")
 
 
 def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
@@ -93,12 +100,69 @@ def check_eval_device(cfg: DictConfig) -> str:
 
 
 def check_stage_settings(cfg: DictConfig) -> None:
-    """The settings of the base -> alignment stages (trainer, optimisers, a local ``model.path``), before any work;
-    the defense's parameters follow once torch is imported (``cli_common.defense_spec``)."""
+    """The settings of the base -> alignment stages (trainer, optimisers, the embedded model's architecture, a local
+    ``model.path``), before any work; the defense's parameters follow once torch is imported
+    (``cli_common.defense_spec``)."""
     check_branch_threads(trainer_config(cfg))
     check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
-    if cfg.model.get("source") == "hf" and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
+    if cfg.model.get("source") != "hf":
+        to_dataclass(TinyLlamaConfig, cfg.model, "model", drop=("name", "source"))
+    elif not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
         check_model_location(cfg.model.path, "model.path")
+
+
+def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
+    """Refuse a key added with Hydra's ``+key=value`` that nothing would read.
+
+    Hydra answers a mistyped ``eval.max_new_token=8`` with "use +eval.max_new_token=8"; run that way, the setting
+    would be silently ignored. ``checked``: the nodes this command reads through a dataclass or a list of known
+    keys (``build_config``, ``cli_common.defense_spec``), which refuse an unknown key themselves, naming the known
+    ones; a key added anywhere else (``eval``, ``data``, ``logger``, ``paths``, the top level, a node the command
+    does not read) is refused here. ``+group=option`` adds a config, not a key, and ``++key=value`` sets a key
+    whether or not it exists: neither is refused."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if cfg.model.get("source") == "hf":  # the hf model's keys are read one by one, not through a dataclass
+        checked = tuple(node for node in checked if node != "model")
+    choices = hydra_cfg.runtime.choices
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if not override.is_add() or key in choices or key.split(".")[0] in checked:
+            continue
+        if _declared(key, str(hydra_cfg.job.config_name), choices):  # `+` may set a key a config file holds as null
+            continue
+        node = key.rpartition(".")[0]
+        known = sorted(OmegaConf.select(cfg, node)) if node and OmegaConf.is_dict(OmegaConf.select(cfg, node)) else []
+        known = [k for k in known if k != key.rpartition(".")[2]]
+        hint = f" (known keys of {node}: {', '.join(known)})" if known else ""
+        raise UserError(f"+{key}: no setting of this command reads {key}, so it would change nothing{hint}")
+
+
+def _declared(key: str, config_name: str, choices) -> bool:
+    """Whether one of the config files this run composed (the command's, each group's chosen option, an
+    ``@package _global_`` experiment or sweep) declares ``key``."""
+    files = [(Path(CONF_DIR) / f"{config_name}.yaml", "")]
+    files += [(Path(CONF_DIR) / group / f"{option}.yaml", group) for group, option in choices.items()
+              if option and group != "hydra" and not group.startswith("hydra/")]
+    for path, package in files:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        if text.startswith("# @package _global_"):
+            package = ""
+        if package and not key.startswith(package + "."):
+            continue
+        node = OmegaConf.create(yaml.safe_load(text) or {})
+        if OmegaConf.select(node, key[len(package) + 1:] if package else key, default=_ABSENT) is not _ABSENT:
+            return True
+    return False
+
+
+_ABSENT = object()
 
 
 def check_branch_threads(trainer: TrainerConfig) -> None:

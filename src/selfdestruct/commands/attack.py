@@ -84,6 +84,8 @@ def attack(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return {**done, "search": search_metrics(done["pre"], done["post"], attack_objective(cfg))}
     checks.check_launch(cfg)
+    builds = checks.STAGE_NODES if cfg.model_path == "defend" else ()  # model_path=defend builds the stages too
+    checks.check_added_keys(cfg, ("attack", "objective", "trainer", *builds))
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     objective = attack_objective(cfg)
     trainer = checks.trainer_config(cfg)

@@ -32,6 +32,7 @@ def defend(cfg: DictConfig) -> dict:
         log.info("%s is complete; skipping (force=true recomputes)", run_dir / METRICS_FILE)
         return done
     checks.check_launch(cfg)
+    checks.check_added_keys(cfg, checks.STAGE_NODES)
     checks.check_stage_settings(cfg)
     bundle = checks.data_bundle(cfg)
     # Every check above runs without torch (about a second for bad input); the work imports it from here on.

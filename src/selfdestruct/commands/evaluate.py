@@ -22,6 +22,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "model_path"):
         raise UserError("model_path is required: give model_path=DIR, a model directory")
     run_dir = hydra_output_dir()
+    checks.check_added_keys(cfg, ())
     checks.check_eval_device(cfg)
     bundle = checks.data_bundle(cfg)
     check_model_location(cfg.model_path, "model_path")

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from selfdestruct.models.arch import TinyLlamaConfig
 
-@dataclass(frozen=True)
-class TinyLlamaConfig:
-    """Architecture of a from-scratch Llama (``conf/model/tiny.yaml``, ``conf/model/micro.yaml``)."""
-
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    max_position_embeddings: int = 128
-    tie_word_embeddings: bool = False
+__all__ = ["TinyLlamaConfig", "build_tiny_llama", "count_parameters"]
 
 
 def build_tiny_llama(arch: TinyLlamaConfig, tokenizer, seed: int) -> LlamaForCausalLM:
