@@ -98,6 +98,7 @@ BAD_DEFEND = [
     (["+eval.max_new_token=8"], "+eval.max_new_token: no setting of this command reads eval.max_new_token, so it "
                                 "would change nothing (known keys of eval: batch_size, chat,"),
     (["+sede=3"], "+sede: no setting of this command reads sede, so it would change nothing"),
+    (["++eval.max_new_token=8"], "error: ++eval.max_new_token: no setting of this command reads eval.max_new_token"),
     (["+attack.lr=1e-4"], "+attack.lr: no setting of this command reads attack.lr"),
     (["+logger.wandb.entiti=me"], "+logger.wandb.entiti: no setting of this command reads logger.wandb.entiti"),
     (["+data.harmful_pth=x.json"], "+data.harmful_pth: no setting of this command reads data.harmful_pth"),
@@ -146,6 +147,8 @@ def test_an_added_key_the_attack_of_a_given_model_does_not_read_is_refused(tmp_p
 @pytest.mark.parametrize("config,overrides", [
     ("defend", ["+eval.max_examples=4"]),  # declared null in conf/eval/default.yaml: Hydra's `+` may set it
     ("defend", ["+data.attack_file=x.jsonl"]),  # declared null in conf/data/synthetic.yaml
+    ("defend", ["++eval.max_new_tokens=8"]),  # `++` on a declared key only changes it
+    ("defend", ["defense=ctrap", "++defense.label=ctrap-paper-83ep"]),  # as experiments/nowin/run.py labels a run
     ("defend", ["defense=ctrap_tuned", "experiment=nowin_reseed", "+defense.trap_check.utility_tasks=validation"]),
     ("attack", ["model_path=defend", "defense=ctrap", "+defense.seed=3"]),
 ])

@@ -112,14 +112,14 @@ def check_stage_settings(cfg: DictConfig) -> None:
 
 
 def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
-    """Refuse a key added with Hydra's ``+key=value`` that nothing would read.
+    """Refuse a key added with Hydra's ``+key=value`` (or ``++key=value``) that nothing would read.
 
     Hydra answers a mistyped ``eval.max_new_token=8`` with "use +eval.max_new_token=8"; run that way, the setting
     would be silently ignored. ``checked``: the nodes this command reads through a dataclass or a list of known
     keys (``build_config``, ``cli_common.defense_spec``), which refuse an unknown key themselves, naming the known
     ones; a key added anywhere else (``eval``, ``data``, ``logger``, ``paths``, the top level, a node the command
-    does not read) is refused here. ``+group=option`` adds a config, not a key, and ``++key=value`` sets a key
-    whether or not it exists: neither is refused."""
+    does not read) is refused here, unless a config file of the run declares it. ``+group=option`` adds a config,
+    not a key."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -131,7 +131,7 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
     choices = hydra_cfg.runtime.choices
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
         key = override.key_or_group
-        if not override.is_add() or key in choices or key.split(".")[0] in checked:
+        if not (override.is_add() or override.is_force_add()) or key in choices or key.split(".")[0] in checked:
             continue
         if _declared(key, str(hydra_cfg.job.config_name), choices):  # `+` may set a key a config file holds as null
             continue
@@ -139,7 +139,8 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
         known = sorted(OmegaConf.select(cfg, node)) if node and OmegaConf.is_dict(OmegaConf.select(cfg, node)) else []
         known = [k for k in known if k != key.rpartition(".")[2]]
         hint = f" (known keys of {node}: {', '.join(known)})" if known else ""
-        raise UserError(f"+{key}: no setting of this command reads {key}, so it would change nothing{hint}")
+        plus = "++" if override.is_force_add() else "+"
+        raise UserError(f"{plus}{key}: no setting of this command reads {key}, so it would change nothing{hint}")
 
 
 def _declared(key: str, config_name: str, choices) -> bool:
