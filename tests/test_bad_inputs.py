@@ -83,6 +83,8 @@ BAD_DEFEND = [
     (["defense=seam", "defense.seed=-1"], "defense.seed=-1: expected an integer >= 0 or null"),
     (["defense=ctrap", "defense.seed=1.5"], "defense.seed=1.5"),
     (["+defense.seed=3"], "defense.seed=3: defense=sft trains nothing"),
+    (["+defense.optim.lr=1e-5"], "defense.optim: defense=sft trains nothing"),
+    (["defense=seam", "~defense.optim.lr"], "defense.optim.lr is required (missing from the config)"),
     (["pretrain.schedule=step"], "pretrain.schedule='step'"),
     (["defense=ctrap", "defense.trap_check={stop_at:10}"], "defense.trap_check.stop_at=10"),
     (["defense=ctrap", "defense.params.attack_refresh=0"], "defense.params.attack_refresh=0"),

@@ -114,6 +114,8 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
         raise UserError(f"defense.seed={seed}: defense=sft trains nothing, so it has no seed of its own")
     params = OmegaConf.to_container(node.params, resolve=True) if node.get("params") else {}
     optim = to_dataclass(OptimConfig, node.optim, "defense.optim") if node.get("optim") else None
+    if node.name == "sft" and optim is not None:
+        raise UserError("defense.optim: defense=sft trains nothing, so it has no optimiser of its own")
     if node.name != "sft" and optim is None:
         raise UserError(f"defense={node.name}: defense.optim is missing (the optimiser of the defense stage)")
     from selfdestruct.pipeline.defense import parse_params

@@ -66,6 +66,10 @@ def build_config(cls, values: dict[str, Any], key: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{key}.{missing[0]} is required (missing from the config)")
     try:
         return cls(**values)
     except FieldError as err:
