@@ -16,7 +16,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from selfdestruct import CONF_DIR
-
 from selfdestruct.data.formatting import PromptFormat
 from selfdestruct.data.real import load_dataset_file
 from selfdestruct.data.sources import DataBundle, files_bundle, synthetic_bundle
@@ -31,6 +30,7 @@ log = logging.getLogger(__name__)
 
 # The config nodes of the base -> alignment -> defense stages; a command that builds them reads these.
 STAGE_NODES = ("model", "pretrain", "align", "trainer", "defense")
+_ABSENT = object()  # OmegaConf.select's answer for a key a config file does not hold
 
 
 def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] = ()):
@@ -162,8 +162,6 @@ def _declared(key: str, config_name: str, choices) -> bool:
             return True
     return False
 
-
-_ABSENT = object()
 
 
 def check_branch_threads(trainer: TrainerConfig) -> None:
