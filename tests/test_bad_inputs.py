@@ -155,11 +155,11 @@ def test_an_added_key_the_attack_of_a_given_model_does_not_read_is_refused(tmp_p
     ("attack", ["model_path=defend", "defense=ctrap", "+defense.seed=3"]),
 ])
 def test_added_keys_that_are_read_pass_the_check(config, overrides, tmp_path):
-    from selfdestruct.cli_config import STAGE_NODES, check_added_keys
+    from selfdestruct.cli_config import ATTACK_NODES, STAGE_NODES, check_added_keys
 
     cfg = compose_config(config, overrides, tmp_path)
     builds = STAGE_NODES if config == "defend" or cfg.model_path == "defend" else ()
-    check_added_keys(cfg, ("attack", "objective", "trainer", *builds) if config == "attack" else builds)
+    check_added_keys(cfg, ATTACK_NODES + builds if config == "attack" else builds)
 
 
 def test_a_zero_epoch_attack_exits_2_from_the_command_line(tmp_path):

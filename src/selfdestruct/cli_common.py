@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct.cli_config import (cache_root, check_eval_device, data_key, optim_config, prompt_format,
-                                     resolved_config, to_dataclass, trainer_config)
+from selfdestruct.cli_config import (cache_root, check_eval_device, data_key, model_arch, optim_config,
+                                     prompt_format, resolved_config, to_dataclass, trainer_config)
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import Evaluator
 from selfdestruct.eval.judges import KeywordJudge, OracleJudge
 from selfdestruct.models.io import LoadOptions
-from selfdestruct.models.tiny import TinyLlamaConfig
 from selfdestruct.objectives.ctrap import collapse_token_id
 from selfdestruct.pipeline.config import OptimConfig
 from selfdestruct.pipeline.stages import (DefenseSpec, aligned_model_dir, base_model_dir, defended_model_dir,
@@ -30,10 +29,6 @@ from selfdestruct.utils.loggers import build_loggers
 from selfdestruct.utils.provenance import environment, numerics_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def model_arch(cfg: DictConfig) -> TinyLlamaConfig:
-    return to_dataclass(TinyLlamaConfig, cfg.model, "model", drop=("name", "source"))
 
 
 def load_options(cfg: DictConfig) -> LoadOptions:

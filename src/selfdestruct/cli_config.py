@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # The config nodes of the base -> alignment -> defense stages; a command that builds them reads these.
 STAGE_NODES = ("model", "pretrain", "align", "trainer", "defense")
+# The nodes the attack command reads through dataclasses (with model_path=defend, STAGE_NODES too).
+ATTACK_NODES = ("attack", "objective", "trainer")
 _ABSENT = object()  # OmegaConf.select's answer for a key a config file does not hold
 
 
@@ -39,6 +41,11 @@ def to_dataclass(cls, node: DictConfig | dict, key: str, drop: tuple[str, ...] =
     for name in drop:
         values.pop(name, None)
     return build_config(cls, values, key)
+
+
+def model_arch(cfg: DictConfig) -> TinyLlamaConfig:
+    """The embedded model's architecture (``model=tiny|micro|small|medium``)."""
+    return to_dataclass(TinyLlamaConfig, cfg.model, "model", drop=("name", "source"))
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
@@ -106,7 +113,7 @@ def check_stage_settings(cfg: DictConfig) -> None:
     check_branch_threads(trainer_config(cfg))
     check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
     if cfg.model.get("source") != "hf":
-        to_dataclass(TinyLlamaConfig, cfg.model, "model", drop=("name", "source"))
+        model_arch(cfg)
     elif not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
         check_model_location(cfg.model.path, "model.path")
 
@@ -135,9 +142,9 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
             continue
         if _declared(key, str(hydra_cfg.job.config_name), choices):  # `+` may set a key a config file holds as null
             continue
-        node = key.rpartition(".")[0]
-        known = sorted(OmegaConf.select(cfg, node)) if node and OmegaConf.is_dict(OmegaConf.select(cfg, node)) else []
-        known = [k for k in known if k != key.rpartition(".")[2]]
+        node, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, node) if node else None
+        known = [k for k in sorted(parent) if k != name] if OmegaConf.is_dict(parent) else []
         hint = f" (known keys of {node}: {', '.join(known)})" if known else ""
         plus = "++" if override.is_force_add() else "+"
         raise UserError(f"{plus}{key}: no setting of this command reads {key}, so it would change nothing{hint}")
@@ -161,7 +168,6 @@ def _declared(key: str, config_name: str, choices) -> bool:
         if OmegaConf.select(node, key[len(package) + 1:] if package else key, default=_ABSENT) is not _ABSENT:
             return True
     return False
-
 
 
 def check_branch_threads(trainer: TrainerConfig) -> None:

@@ -85,7 +85,7 @@ def attack(cfg: DictConfig) -> dict:
         return {**done, "search": search_metrics(done["pre"], done["post"], attack_objective(cfg))}
     checks.check_launch(cfg)
     builds = checks.STAGE_NODES if cfg.model_path == "defend" else ()  # model_path=defend builds the stages too
-    checks.check_added_keys(cfg, ("attack", "objective", "trainer", *builds))
+    checks.check_added_keys(cfg, checks.ATTACK_NODES + builds)
     spec = attack_config(cfg)  # every attack field checked (AttackConfig.__post_init__)
     objective = attack_objective(cfg)
     trainer = checks.trainer_config(cfg)
