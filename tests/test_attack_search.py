@@ -69,7 +69,7 @@ def test_optimisers_step_as_published():
 
 @pytest.mark.parametrize("field, value, message", [
     ("optimizer", "rmsprop", "attack.optimizer='rmsprop': expected one of adamw, adam, sgd"),
-    ("momentum", 1.5, "attack.momentum=1.5: expected a finite number >= 0 and <= 0.999"),
+    ("momentum", 1.5, "attack.momentum=1.5: expected a finite number >= 0 and <= 0.999 or null"),
     ("schedule", "step", "attack.schedule='step': expected one of constant, cosine, linear"),
 ])
 def test_bad_attack_options_name_their_key(field, value, message):
@@ -255,3 +255,21 @@ def test_report_shows_best_attack_best_so_far_and_break_budget(tmp_path):
     (sweep / "4").rename(tmp_path / "gone4")
     [result] = find_searches(write_report([tmp_path / "attack_search"], tmp_path / "out2").runs)
     assert result.break_budget() is None and result.break_text() == "not broken in 5 trials"
+
+
+def test_sgd_steps_with_the_configured_momentum_and_other_optimisers_refuse_one():
+    from selfdestruct.modules.attack import AttackModule
+
+    toy = torch.nn.Linear(2, 2)
+    assert AttackModule(toy, AttackConfig(lr=1e-3, optimizer="sgd")).momentum == 0.9  # null: SGD_MOMENTUM, 0.9
+    assert AttackModule(toy, AttackConfig(lr=1e-3, optimizer="sgd", momentum=0.0)).momentum == 0.0  # 0 is a value
+    for optimizer in ("adamw", "adam"):
+        with pytest.raises(UserError, match=f"only optimizer=sgd reads it \\({optimizer} runs with torch's default"):
+            AttackConfig(lr=1e-3, optimizer=optimizer, momentum=0.9)
+    # the poison ratio likewise: read by a mixed attack only, and needed there
+    assert AttackConfig(lr=1e-3, data="mixed", poison_ratio=0.0).poison_ratio == 0.0
+    with pytest.raises(UserError, match="poison_ratio=None: a mixed attack needs"):
+        AttackConfig(lr=1e-3, data="mixed")
+    for data in ("harmful", "benign"):
+        with pytest.raises(UserError, match=f"with data={data} it would do nothing"):
+            AttackConfig(lr=1e-3, data=data, poison_ratio=0.1)

@@ -43,6 +43,14 @@ BAD_ATTACK = [
     (["attack.seed=1.5"], "attack.seed=1.5"),
     (["attack=mixed", "attack.poison_ratio=1.5"], "attack.poison_ratio=1.5"),
     (["attack=mixed", "attack.poison_ratio=-0.1"], "attack.poison_ratio=-0.1"),
+    # settings the chosen attack would not read: refused, not silently ignored
+    (["attack.poison_ratio=0.2"], "attack.poison_ratio=0.2: only a mixed attack reads it (attack=mixed); with "
+                                  "data=harmful it would do nothing"),
+    (["attack=lora", "attack.poison_ratio=0.5"], "attack.poison_ratio=0.5: only a mixed attack reads it"),
+    (["attack.data=mixed"], "attack.poison_ratio=None: a mixed attack needs the share of harmful pairs"),
+    (["attack.momentum=0.5"], "attack.momentum=0.5: only optimizer=sgd reads it (adamw runs with torch's default "
+                              "betas)"),
+    (["attack.optimizer=adam", "attack.momentum=0.0"], "attack.momentum=0.0: only optimizer=sgd reads it (adam"),
     (["attack=lora", "attack.lora.rank=0"], "attack.lora.rank=0: expected an integer >= 1"),
     (["attack=lora", "attack.lora.alpha=-2"], "attack.lora.alpha=-2"),
     (["attack=lora", "attack.lora.dropout=1.0"], "attack.lora.dropout=1.0"),
@@ -105,6 +113,11 @@ BAD_DEFEND = [
     (["+logger.wandb.entiti=me"], "+logger.wandb.entiti: no setting of this command reads logger.wandb.entiti"),
     (["+data.harmful_pth=x.json"], "+data.harmful_pth: no setting of this command reads data.harmful_pth"),
     (["+model.hidden_sise=64"], "model.hidden_sise: unknown option (known: hidden_size,"),
+    # a config group added with `+` that the command does not list: nothing of it would be read
+    (["+attack=lora"], "+attack=lora: the defend command reads no attack config, so it would change nothing "
+                       "(its config groups: paths, data, model, pretrain, align, defense, trainer, logger, eval, "
+                       "experiment)"),
+    (["+sweep=attack_grid"], "+sweep=attack_grid: the defend command reads no sweep config"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.precision=bf16-mixed"],
      "trainer.branch_threads=2 runs a step's branches as threads of one process in fp32"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.devices=2"], "needs trainer.precision=32-true"),

@@ -82,6 +82,8 @@ def test_an_unknown_eval_device_is_refused_before_any_work(tmp_path):
     ("selfdestruct.defend", ["trainer.branch_threads=2", "trainer.precision=bf16-mixed"], "trainer.branch_threads=2"),
     ("selfdestruct.evaluate", ["model_path=/nowhere/model"], "model_path=/nowhere/model: no such directory"),
     ("selfdestruct.evaluate", ["model_path=/nowhere/model", "eval.device=tpu"], "eval.device=tpu"),
+    ("selfdestruct.evaluate", ["model_path=/nowhere/model", "+defense=ctrap"],
+     "+defense=ctrap: the evaluate command reads no defense config, so it would change nothing"),
 ])
 def test_our_own_checks_answer_before_torch_is_imported(tmp_path, module, args, needle):
     """Values out of range, a missing model directory, too few examples: refused by the torch-free checks

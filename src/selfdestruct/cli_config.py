@@ -126,7 +126,8 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
     keys (``build_config``, ``cli_common.defense_spec``), which refuse an unknown key themselves, naming the known
     ones; a key added anywhere else (``eval``, ``data``, ``logger``, ``paths``, the top level, a node the command
     does not read) is refused here, unless a config file of the run declares it. ``+group=option`` adds a config,
-    not a key."""
+    not a key: it is refused when the command's own config lists no such group (the defend command reads no
+    ``attack``, the evaluate command no ``defense``), since nothing of the command would read what it adds."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -138,7 +139,12 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
     choices = hydra_cfg.runtime.choices
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
         key = override.key_or_group
-        if not (override.is_add() or override.is_force_add()) or key in choices or key.split(".")[0] in checked:
+        if not (override.is_add() or override.is_force_add()):
+            continue
+        if key in choices:
+            _check_added_group(key, override, str(hydra_cfg.job.config_name))
+            continue
+        if key.split(".")[0] in checked:
             continue
         if _declared(key, str(hydra_cfg.job.config_name), choices):  # `+` may set a key a config file holds as null
             continue
@@ -148,6 +154,17 @@ def check_added_keys(cfg: DictConfig, checked: tuple[str, ...]) -> None:
         hint = f" (known keys of {node}: {', '.join(known)})" if known else ""
         plus = "++" if override.is_force_add() else "+"
         raise UserError(f"{plus}{key}: no setting of this command reads {key}, so it would change nothing{hint}")
+
+
+def _check_added_group(group: str, override, config_name: str) -> None:
+    """``+group=option``: refused unless the command's config file lists ``group`` in its defaults."""
+    if group.startswith("hydra"):
+        return  # Hydra's own groups (launcher, sweeper) configure the launch, which always reads them
+    entries = (yaml.safe_load((Path(CONF_DIR) / f"{config_name}.yaml").read_text()) or {}).get("defaults", [])
+    groups = [name.split()[-1] for entry in entries if isinstance(entry, dict) for name in entry]  # "optional sweep"
+    if group.split("/")[0] not in groups:
+        raise UserError(f"{override.input_line}: the {config_name} command reads no {group} config, so it would "
+                        f"change nothing (its config groups: {', '.join(g for g in groups if g != 'hydra')})")
 
 
 def _declared(key: str, config_name: str, choices) -> bool:

@@ -124,7 +124,7 @@ def attack(cfg: DictConfig) -> dict:
                           **{f"search/{k}": v for k, v in search.items()}})
     write_json_atomic(run_dir / "samples.json", {"pre": pre_samples, "post": post_samples})
     record = AttackRecord(kind=spec.name, lr=spec.lr, num_samples=spec.num_samples, epochs=spec.epochs,
-                          poison_ratio=spec.poison_ratio if spec.data == "mixed" else None,
+                          poison_ratio=spec.poison_ratio,
                           config=dataclasses.asdict(spec))
     metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre, attack=record,
                          post=post, search=search, aligned=provenance.get("aligned_metrics", {}),

@@ -33,7 +33,8 @@ class AttackModule(CausalLMModule):
         """``attack``: the whole attack config (optimiser settings, the torch optimiser, LoRA, which data)."""
         if attack.lora:
             model = wrap_lora(model, **attack.lora)
-        super().__init__(model, attack, log_prefix="attack", optimizer=attack.optimizer, momentum=attack.momentum)
+        super().__init__(model, attack, log_prefix="attack", optimizer=attack.optimizer,
+                         momentum=attack.sgd_momentum)
         self.kind = attack.data
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:

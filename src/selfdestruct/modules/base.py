@@ -14,7 +14,7 @@ from collections import deque
 import pytorch_lightning as pl
 import torch
 
-from selfdestruct.pipeline.config import OPTIMIZERS, SCHEDULES, OptimConfig
+from selfdestruct.pipeline.config import OPTIMIZERS, SCHEDULES, SGD_MOMENTUM, OptimConfig
 from selfdestruct.utils.spikes import LAST, calm_step, late_spike
 
 
@@ -56,7 +56,7 @@ class CausalLMModule(pl.LightningModule):
     """Owns a Hugging Face causal LM and steps it by hand; subclasses define ``training_step``."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, log_prefix: str = "train",
-                 optimizer: str = "adamw", momentum: float = 0.9) -> None:
+                 optimizer: str = "adamw", momentum: float = SGD_MOMENTUM) -> None:
         """``optim``: the stage's optimiser settings, kept whole (learning rate, schedule, clipping, ``ema_decay``);
         ``optimizer`` and ``momentum``: the torch optimiser, which only an attack chooses (AttackConfig)."""
         super().__init__()

@@ -105,22 +105,39 @@ class AttackConfig(OptimConfig):
 
     name: str = "harmful"  # harmful (full parameters) | lora | mixed | benign
     data: str = "harmful"  # harmful | benign | mixed (benign data with a poison_ratio share of harmful pairs)
-    poison_ratio: float = 0.0
+    # data=mixed only (required there; attack=mixed sets 0.1): the share of num_samples drawn from the harmful pool.
+    # Refused with any other data, which would not read it.
+    poison_ratio: float | None = None
     num_samples: int = 200
     lora: dict | None = None
     optimizer: str = "adamw"  # adamw | adam | sgd
-    momentum: float = 0.9  # sgd's momentum (ignored by adamw and adam)
+    # optimizer=sgd only: its momentum (null: SGD_MOMENTUM). Refused with adamw and adam (torch's default betas).
+    momentum: float | None = None
     # The attack's own seed (the order of its batches, the poison shuffle of data=mixed); null = the run's seed.
     # Set it to attack one defended model (built with the run's seed) under several data orders.
     seed: int | None = None
+
+    @property
+    def sgd_momentum(self) -> float:
+        """The momentum optimizer=sgd steps with (attack.momentum, else SGD_MOMENTUM)."""
+        return SGD_MOMENTUM if self.momentum is None else self.momentum
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "data", ATTACK_DATA)
         check_choice(self, "optimizer", OPTIMIZERS)
-        check_number(self, "momentum", low=0.0, high=0.999)
+        check_number(self, "momentum", low=0.0, high=0.999, optional=True)
+        if self.momentum is not None and self.optimizer != "sgd":
+            raise FieldError("momentum", self.momentum, f"only optimizer=sgd reads it ({self.optimizer} runs with "
+                             "torch's default betas): remove it, or set attack.optimizer=sgd")
         check_number(self, "num_samples", low=1, integer=True)
-        check_number(self, "poison_ratio", low=0.0, high=1.0)
+        if self.poison_ratio is None and self.data == "mixed":
+            raise FieldError("poison_ratio", None, "a mixed attack needs the share of harmful pairs among "
+                             "num_samples: a number in [0, 1] (attack=mixed sets 0.1)")
+        check_number(self, "poison_ratio", low=0.0, high=1.0, optional=True)
+        if self.poison_ratio is not None and self.data != "mixed":
+            raise FieldError("poison_ratio", self.poison_ratio, f"only a mixed attack reads it (attack=mixed); "
+                             f"with data={self.data} it would do nothing: remove it, or choose attack=mixed")
         check_number(self, "seed", low=0, integer=True, optional=True)
         if self.lora is not None:
             lora = dict(self.lora)
@@ -138,4 +155,5 @@ class AttackConfig(OptimConfig):
 
 
 ATTACK_DATA = ("harmful", "benign", "mixed")
+SGD_MOMENTUM = 0.9  # attack.optimizer=sgd's momentum when attack.momentum is null (the usual heavy-ball value)
 LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
