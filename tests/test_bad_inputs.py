@@ -117,7 +117,7 @@ BAD_DEFEND = [
     (["+attack=lora"], "+attack=lora: the defend command reads no attack config, so it would change nothing "
                        "(its config groups: paths, data, model, pretrain, align, defense, trainer, logger, eval, "
                        "experiment)"),
-    (["+sweep=attack_grid"], "+sweep=attack_grid: the defend command reads no sweep config"),
+    (["+intensity=strong"], "+intensity=strong: the defend command reads no intensity config"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.precision=bf16-mixed"],
      "trainer.branch_threads=2 runs a step's branches as threads of one process in fp32"),
     (["defense=ctrap_tuned", "trainer.branch_threads=2", "trainer.devices=2"], "needs trainer.precision=32-true"),
