@@ -24,7 +24,9 @@ Each command of 1-3 and the shared stages writes its output to ``OUT/logs/<stage
 the command and one line when it ends (a failure adds the log's last lines). ``--verbose`` streams it all instead.
 
 ``--basic`` aligns with SFT and attacks at ``intensity=weak,medium,strong`` plus a benign fine-tune,
-then prints the before/after table. Both print their wall time.
+then prints the before/after table. Both print their wall time, and first the host's float32 matrix-product rate on
+one thread (most of the demo's work is such products: ``benchmarks/matmul_share.py``), recorded with the processor
+in ``OUT/quickstart.json`` next to each command's wall and CPU time.
 """
 
 from __future__ import annotations
@@ -202,6 +204,23 @@ def full(out: Path, defenses: list[str], common: list[str], jobs: int, verbose: 
     return 1 if any(failed) else 0
 
 
+# Run in a child so that this launcher never imports torch.
+HOST_PROBE = ("import json; from selfdestruct.utils.provenance import cpu_id, cpu_model, gemm_gflops; "
+              "print(json.dumps({'cpu': cpu_model(), 'cpu_id': cpu_id(), 'gemm_gflops': round(gemm_gflops(), 1)}))")
+
+
+def host() -> dict | None:
+    """The processor and its float32 matrix-multiply rate on one thread (a few seconds, before any work, on an
+    idle machine): most of the demo's time is such products, so this rate says how fast the host runs it.
+    None when the probe fails (the demo goes on)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", HOST_PROBE], capture_output=True, text=True, timeout=300,
+                              check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the platform has none, e.g. Windows)."""
     try:
@@ -226,6 +245,11 @@ def main() -> int:
     out = args.out.resolve()
     common = [f"seed={args.seed}", *args.overrides]
     start, load = time.perf_counter(), load_average()  # other work on the machine slows the demo: recorded
+    machine = host()
+    if machine:
+        print(f"host: {machine['cpu']}" + (f" ({machine['cpu_id']})" if machine.get("cpu_id") else "")
+              + f", {os.cpu_count()} CPUs, float32 matrix products at {machine['gemm_gflops']:g} GFLOP/s on one "
+              "thread", flush=True)
     status = 0
     if args.basic:
         basic(out, common)
@@ -240,7 +264,7 @@ def main() -> int:
     timeline = [{**c, "start": round(c["start"] - start, 1)} for c in sorted(TIMELINE, key=lambda c: c["start"])]
     (out / "quickstart.json").write_text(json.dumps({
         "command": command, "wall_time_s": round(seconds, 1), "seed": args.seed, "jobs": args.jobs, "status": status,
-        "cpus": os.cpu_count(), "load_average_start": load, "load_average_end": load_average(),
+        "cpus": os.cpu_count(), "host": machine, "load_average_start": load, "load_average_end": load_average(),
         "command_cpu_s_total": None if cpu is None else round(cpu, 1), "commands": timeline,
     }, indent=1))
     return status

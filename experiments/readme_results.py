@@ -632,7 +632,9 @@ def wall_time_text(path: Path) -> str:
         seconds, what = data["wall_time_s"], data["command"]
         if data.get("load_average_start") is not None and data.get("load_average_end") is not None:
             load = (f" (1-minute load average {data['load_average_start']:g} at its start and "
-                    f"{data['load_average_end']:g} at its end, on {data['cpus']} cores)")
+                    f"{data['load_average_end']:g} at its end, on {data['cpus']} cores"
+                    + (f"; {data['host']['gemm_gflops']:g} GFLOP/s float32 matrix products on one thread"
+                       if data.get("host") else "") + ")")
         if data.get("command_cpu_s_total"):  # the timeline quickstart.py records: where the wall time goes
             longest = max(data["commands"], key=lambda c: c["cpu_s"])
             name = " ".join(w for w in longest["command"].split() if not w.startswith("hydra."))  # no machine paths

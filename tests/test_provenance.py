@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 
 import torch
 
 from selfdestruct.report import write_report
-from selfdestruct.utils.provenance import environment, numerics_fingerprint
+from selfdestruct.utils.provenance import cpu_id, environment, gemm_gflops, numerics_fingerprint
 
 from test_report import write_cell
 
@@ -36,6 +37,35 @@ def test_fingerprint_changes_with_the_kernel_path_and_not_otherwise():
     assert numerics_fingerprint(env) == numerics_fingerprint(same)
     assert numerics_fingerprint(env) != numerics_fingerprint(other)
     assert numerics_fingerprint(None) == "unknown"
+
+
+def test_cpu_id_names_the_first_processors_family_and_model_and_stays_out_of_the_fingerprint(tmp_path):
+    one = "vendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 2\n"
+    (tmp_path / "cpuinfo").write_text(one + "\n" + one.replace("23", "25"))
+    assert cpu_id(str(tmp_path / "cpuinfo")) == "AuthenticAMD cpu family 23 model 1 stepping 2"
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert cpu_id(str(tmp_path / "arm")) is None and cpu_id(str(tmp_path / "missing")) is None
+    env = environment()
+    assert env["cpu_id"] == cpu_id()
+    assert numerics_fingerprint(env) == numerics_fingerprint({**env, "cpu_id": "GenuineIntel cpu family 6"})
+
+
+def test_gemm_rate_is_the_products_arithmetic_over_its_time_on_one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rate = gemm_gflops(size=256, seconds=0.2)
+        assert torch.get_num_threads() == 2  # restored
+        torch.set_num_threads(1)  # the function's own setting, for the independent measurement
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        independent = 2 * 256**3 * 20 / (time.perf_counter() - start) / 1e9
+    finally:
+        torch.set_num_threads(before)
+    assert 0.2 < rate / independent < 5, (rate, independent)
 
 
 def _cell(root: Path, name: str, env: dict | None) -> None:

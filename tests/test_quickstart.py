@@ -5,6 +5,7 @@ Commands are recorded instead of run, so nothing trains here."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -139,6 +140,29 @@ def test_each_command_is_timed_for_the_demos_timeline():
     assert failed["start"] >= spinning["start"] + spinning["seconds"] - 0.05
     if hasattr(os, "wait4"):  # CPU time: sleeping uses little of it, spinning at least its 0.5 s
         assert sleeping["cpu_s"] < sleeping["seconds"] - 0.3 and spinning["cpu_s"] >= 0.5
+
+
+def test_the_host_probe_names_the_processor_and_its_matrix_product_rate_and_a_failed_one_is_none(monkeypatch):
+    from selfdestruct.utils.provenance import cpu_id, cpu_model
+
+    qs = _quickstart()
+    machine = qs.host()  # in a child process, so that the launcher never imports torch
+    assert machine["cpu"] == cpu_model() and machine["cpu_id"] == cpu_id() and machine["gemm_gflops"] > 0
+    monkeypatch.setattr(qs, "HOST_PROBE", "raise SystemExit(3)")
+    assert qs.host() is None
+
+
+def test_the_demo_records_and_prints_the_host_before_any_command(tmp_path, monkeypatch, capsys):
+    qs, events = _quickstart(), []
+    machine = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 23 model 1 stepping 2", "gemm_gflops": 33.1}
+    monkeypatch.setattr(qs, "host", lambda: events.append("host") or machine)
+    monkeypatch.setattr(qs, "full", lambda *a, **k: events.append("full") or 0)
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path)])
+    assert qs.main() == 0
+    assert events == ["host", "full"]
+    assert json.loads((tmp_path / "quickstart.json").read_text())["host"] == machine
+    assert ("host: AMD EPYC (AuthenticAMD cpu family 23 model 1 stepping 2), "
+            f"{os.cpu_count()} CPUs, float32 matrix products at 33.1 GFLOP/s on one thread") in capsys.readouterr().out
 
 
 def test_a_logged_command_writes_its_output_to_its_log_and_says_in_one_line_how_it_ended(tmp_path, capsys):

@@ -269,6 +269,17 @@ def test_wall_time_line_names_the_commands_cpu_time_and_the_longest_one(tmp_path
         "`python -m selfdestruct.defend defense=ctrap_tuned`, 600 of them.")
 
 
+def test_wall_time_line_quotes_the_hosts_matrix_product_rate_when_recorded(tmp_path):
+    gen = _generator()
+    (tmp_path / "quickstart.json").write_text(json.dumps({
+        "command": "python experiments/quickstart.py", "wall_time_s": 1725.4, "seed": 0, "jobs": 2, "status": 0,
+        "cpus": 2, "host": {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 23 model 1", "gemm_gflops": 33.1},
+        "load_average_start": 0.05, "load_average_end": 1.26}))
+    assert gen.wall_time_text(tmp_path) == (
+        "Wall time of `python experiments/quickstart.py` from a fresh cache: 1725 s (1-minute load average 0.05 at "
+        "its start and 1.26 at its end, on 2 cores; 33.1 GFLOP/s float32 matrix products on one thread).")
+
+
 def test_nowin_table_shows_every_defense_and_seed_of_a_run_py_tree(tmp_path):
     gen = _generator()
     cells = [(2e-4, 100), (3e-4, 500), (5e-4, 1000)]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from functools import lru_cache
 from importlib import metadata
 
@@ -44,6 +45,53 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=4)
+def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """``vendor cpu family F model M stepping S`` of the first processor in ``cpuinfo`` (None without one): it
+    names the microarchitecture where the marketing name does not (a virtual machine may show only "AMD EPYC").
+    Not part of :func:`numerics_fingerprint`, so runs recorded before it existed stay comparable."""
+    fields = {}
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "vendor_id" not in fields:
+        return None
+    return " ".join([fields["vendor_id"]] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping")
+                                             if k in fields])
+
+
+def gemm_gflops(size: int = 512, seconds: float = 0.5) -> float:
+    """The host's float32 matrix-multiply throughput on one torch thread, in GFLOP/s: ``size``³ products
+    repeated for about ``seconds`` after one warm-up, the best of three rounds. The embedded default's training
+    is mostly such products (two thirds of a CTRAP step on CPU), so this rate, not the clock or the core count,
+    says how fast a host runs the demo."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        start = time.perf_counter()
+        a @ b
+        repeats = max(1, round(seconds / 3 / max(time.perf_counter() - start, 1e-6)))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = min(best, (time.perf_counter() - start) / repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / best / 1e9
+
+
 def environment() -> dict:
     """The run's software and hardware provenance, JSON-ready."""
     import torch
@@ -56,6 +104,7 @@ def environment() -> dict:
         "packages": {name: _version(name) for name in PACKAGES},
         "torch_threads": torch.get_num_threads(),
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkl": bool(torch.backends.mkl.is_available()),
