@@ -73,10 +73,16 @@ def run_label(metrics: dict) -> str:
     return f"seed {metrics.get('seed')}, {kernel_path(metrics.get('environment') or {})}"
 
 
+def _cpu_detail(env: dict) -> str:
+    """`` (AuthenticAMD cpu family 23 model 1 stepping 2; AVX2 kernels)``: the microarchitecture where recorded
+    (a virtual machine's name may be only "AMD EPYC") and the kernel path."""
+    parts = [p for p in (env.get("cpu_id"), env.get("cpu_capability") and f"{env['cpu_capability']} kernels") if p]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def stamp(all_metrics: list[dict]) -> str:
     envs = [m.get("environment") or {} for m in all_metrics]
-    cpus = sorted({e.get("cpu", "?") + (f" ({e['cpu_capability']} kernels)" if e.get("cpu_capability") else "")
-                   for e in envs})  # the kernel path too: processors of one name differ in it
+    cpus = sorted({e.get("cpu", "?") + _cpu_detail(e) for e in envs})  # processors of one name differ
     pkgs = envs[0].get("packages", {}) if envs else {}
     versions = ", ".join(f"{name} {pkgs.get(name)}" for name in ("torch", "pytorch-lightning", "transformers")
                          if pkgs.get(name))

@@ -655,6 +655,9 @@ def test_the_stamp_names_each_machine_with_its_kernel_path():
                       {"environment": {**env, "cpu_capability": "AVX512"}}, {"environment": env}])
     assert "from 3 metrics.json files; machine: AMD EPYC, AMD EPYC (AVX2 kernels), AMD EPYC (AVX512 kernels); " \
            "torch 2.13.0+cpu; torch threads 1; Python 3.11.7." in text
+    zen = {**env, "cpu_capability": "AVX2", "cpu_id": "AuthenticAMD cpu family 23 model 1 stepping 2"}
+    assert "machine: AMD EPYC (AVX512 kernels), AMD EPYC (AuthenticAMD cpu family 23 model 1 stepping 2; AVX2 " \
+           "kernels);" in gen.stamp([{"environment": zen}, {"environment": {**env, "cpu_capability": "AVX512"}}])
 
 
 def _lock_run(out: Path, run: str, weights: dict[str, bytes], aligned: dict, built: bool) -> None:
