@@ -54,8 +54,9 @@ def test_gemm_rate_is_the_products_arithmetic_over_its_time_on_one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        state = torch.get_rng_state()
         rate = gemm_gflops(size=256, seconds=0.2)
-        assert torch.get_num_threads() == 2  # restored
+        assert torch.get_num_threads() == 2 and torch.equal(torch.get_rng_state(), state)  # both left as they were
         torch.set_num_threads(1)  # the function's own setting, for the independent measurement
         a, b = torch.randn(256, 256), torch.randn(256, 256)
         a @ b

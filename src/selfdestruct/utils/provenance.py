@@ -68,15 +68,16 @@ def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str | None:
 
 def gemm_gflops(size: int = 512, seconds: float = 0.5) -> float:
     """The host's float32 matrix-multiply throughput on one torch thread, in GFLOP/s: ``size``³ products
-    repeated for about ``seconds`` after one warm-up, the best of three rounds. The embedded default's training
-    is mostly such products (two thirds of a CTRAP step on CPU), so this rate, not the clock or the core count,
-    says how fast a host runs the demo."""
+    repeated for about ``seconds`` after one warm-up, the best of three rounds; torch's thread count and random
+    stream are left as they were. The embedded default's training is mostly such products (two thirds of a CTRAP
+    step on CPU), so this rate, not the clock or the core count, says how fast a host runs the demo."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        gen = torch.Generator().manual_seed(0)  # its own: the caller's random stream is left as it was
+        a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
         a @ b
         start = time.perf_counter()
         a @ b
