@@ -31,7 +31,7 @@ def sft_step(model: torch.nn.Module, i: int) -> None:
     model(**batch(3 * i)).loss.backward()
 
 
-def ctrap_tuned_step(model: torch.nn.Module, i: int, params=None) -> None:
+def ctrap_tuned_step(model: torch.nn.Module, i: int, params) -> None:
     ctrap_step(model, batch(3 * i), batch(3 * i + 1), batch(3 * i + 2), params, token_id=COLLAPSE_TOKEN, replicas=[])
 
 

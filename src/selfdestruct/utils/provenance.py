@@ -32,34 +32,32 @@ def _version(name: str) -> str | None:
         return None
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The processor's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @lru_cache(maxsize=4)
-def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str | None:
-    """``vendor cpu family F model M stepping S`` of the first processor in ``cpuinfo`` (None without one): it
-    names the microarchitecture where the marketing name does not (a virtual machine may show only "AMD EPYC").
-    Not part of :func:`numerics_fingerprint`, so runs recorded before it existed stay comparable."""
-    fields = {}
+def _first_processor(cpuinfo: str = "/proc/cpuinfo") -> tuple[tuple[str, str], ...]:
+    """The ``key: value`` fields of the first processor in ``cpuinfo`` (empty where there is no such file)."""
+    fields = []
     try:
         with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor is enough
                 key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
+                fields.append((key.strip(), value.strip()))
     except OSError:
-        return None
+        pass
+    return tuple(fields)
+
+
+def cpu_model() -> str:
+    """The processor's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    return dict(_first_processor()).get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """``vendor cpu family F model M stepping S`` of the first processor in ``cpuinfo`` (None without one): it
+    names the microarchitecture where the marketing name does not (a virtual machine may show only "AMD EPYC").
+    Not part of :func:`numerics_fingerprint`, so runs recorded before it existed stay comparable."""
+    fields = dict(_first_processor(cpuinfo))
     if "vendor_id" not in fields:
         return None
     return " ".join([fields["vendor_id"]] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping")
