@@ -32,6 +32,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("avx2-fourth", "results_avx2_fourth.md", "avx2_fourth"),
         ("avx2-fourth-rerun", "results_avx2_fourth_rerun.md", "avx2_fourth_rerun"),
         ("intel-avx512", "results_intel_avx512.md", "intel_avx512"),
+        ("intel-avx512-heldout", "results_intel_avx512_heldout.md", "intel_avx512_heldout"),
         ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
