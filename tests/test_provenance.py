@@ -113,3 +113,57 @@ def test_thread_count_variables_do_not_split_environments_that_run_the_same_thre
     other_cbwr = "AVX2" if base.get("MKL_CBWR") == "COMPATIBLE" else "COMPATIBLE"
     assert (numerics_fingerprint({**env, "env": {**base, "MKL_CBWR": other_cbwr}})
             != numerics_fingerprint({**env, "env": base}))
+
+
+def test_metrics_record_where_each_stage_of_the_weights_ran_even_from_another_processs_cache(tmp_path):
+    """A defend run's metrics.json lists the stages that made its weights (base, align, and the defense when it
+    trains), each with the thread count it ran at: a cached alignment made at 2 threads and reused by a run at 1
+    thread says 2, where the run's own environment says 1 (on some hosts that alone changes the weights)."""
+    from selfdestruct.commands.defend import defend
+
+    from helpers import compose_config
+
+    cache = tmp_path / "cache"
+    base = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",
+            f"paths.cache_dir={cache}", "trainer.max_steps=2"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        made_at_two = defend(compose_config("defend", [*base, "defense=sft"], tmp_path / "sft2"))
+        torch.set_num_threads(1)
+        seam = defend(compose_config("defend", [*base, "defense=seam", "defense.params.num_samples=8"],
+                                     tmp_path / "seam1"))
+    finally:
+        torch.set_num_threads(before)
+    assert [(r["stage"], r["torch_threads"]) for r in made_at_two["made_in"]] == [("base", 2), ("align", 2)]
+    assert [(r["stage"], r["torch_threads"]) for r in seam["made_in"]] == [("base", 2), ("align", 2), ("defend", 1)]
+    assert seam["environment"]["torch_threads"] == 1
+    assert seam["made_in"][-1]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    saved = json.loads((tmp_path / "seam1" / "model" / "selfdestruct.json").read_text())
+    assert saved["made_in"] == seam["made_in"]  # the model carries its lineage to the attacks on it
+
+
+def _lineage(threads: dict[str, int]) -> list[dict]:
+    env = environment()
+    return [{"stage": stage, "torch_threads": n, "cpu": env["cpu"], "cpu_id": env["cpu_id"],
+             "cpu_capability": env["cpu_capability"], "gpus": [], "env": {}} for stage, n in threads.items()]
+
+
+def _cell_made_in(root: Path, name: str, made_in: list[dict]) -> None:
+    _cell(root, name, environment())
+    path = root / name / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "made_in": made_in}))
+
+
+def test_report_warns_when_a_stage_behind_the_weights_ran_elsewhere_not_when_a_defense_adds_a_stage(tmp_path):
+    # SFT's weights are the aligned model's; a trained defense adds its own stage: the same environments, no warning
+    _cell_made_in(tmp_path / "same", "sft", _lineage({"base": 2, "align": 2}))
+    _cell_made_in(tmp_path / "same", "ctrap", _lineage({"base": 2, "align": 2, "defend": 1}))
+    assert write_report([tmp_path / "same"], tmp_path / "out_same").environment_warning() is None
+    # one run's alignment was made at 1 thread, the other's at 2: named, with the count of runs of each
+    _cell_made_in(tmp_path / "mixed", "a", _lineage({"base": 2, "align": 2}))
+    _cell_made_in(tmp_path / "mixed", "b", _lineage({"base": 1, "align": 1}))
+    warning = write_report([tmp_path / "mixed"], tmp_path / "out_mixed").environment_warning()
+    assert warning is not None and "the align stage of their weights ran in different environments" in warning
+    assert "1 runs on 2 threads" in warning and "1 runs on 1 threads" in warning
+    assert "different environments" in (tmp_path / "out_mixed" / "summary.md").read_text()

@@ -100,7 +100,7 @@ def attack(cfg: DictConfig) -> dict:
     # Every check above runs without torch (about a second for bad input); the work imports it from here on.
     from selfdestruct import cli_common as cc
     from selfdestruct.models.io import load_model_dir, read_provenance, save_model_dir
-    from selfdestruct.pipeline.stages import checkpoint_id, run_attack
+    from selfdestruct.pipeline.stages import checkpoint_id, made_in, run_attack
     from selfdestruct.utils.loggers import log_summary
 
     defense = None
@@ -118,7 +118,8 @@ def attack(cfg: DictConfig) -> dict:
     post, post_samples = evaluate(attacked, "post-attack")
     if cfg.save_model:
         save_model_dir(attacked, tokenizer, run_dir / "model", {**provenance, "stage": "attack",
-                                                                "attack": checks.resolved_config(cfg.attack)})
+                                                                "attack": checks.resolved_config(cfg.attack),
+                                                                "made_in": made_in(Path(model_path), "attack")})
     search = search_metrics(pre, post, objective)
     log_summary(loggers, {**{f"pre/{k}": v for k, v in pre.items()}, **{f"post/{k}": v for k, v in post.items()},
                           **{f"search/{k}": v for k, v in search.items()}})
@@ -129,7 +130,8 @@ def attack(cfg: DictConfig) -> dict:
     metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre, attack=record,
                          post=post, search=search, aligned=provenance.get("aligned_metrics", {}),
                          model_path=str(model_path), overrides=identity_overrides(),
-                         environment=environment(), red_team=red_team_record(provenance)).write(run_dir)
+                         environment=environment(), red_team=red_team_record(provenance),
+                         made_in=provenance.get("made_in")).write(run_dir)
     if not cfg.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log.info("metrics: %s", run_dir / METRICS_FILE)

@@ -56,7 +56,8 @@ def defend(cfg: DictConfig) -> dict:
     metrics = RunMetrics(defense=provenance.get("defense", cfg.defense.name), seed=int(cfg.seed), pre=pre,
                          aligned=provenance.get("aligned_metrics", {}), num_parameters=count_parameters(model),
                          model_path=str(run_dir / "model"), overrides=identity_overrides(),
-                         environment=environment(), red_team=red_team_record(provenance)).write(run_dir)
+                         environment=environment(), red_team=red_team_record(provenance),
+                         made_in=provenance.get("made_in")).write(run_dir)
     log.info("defended model: %s", run_dir / "model")
     log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics

@@ -38,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict:
     provenance = read_provenance(cfg.model_path)
     write_json_atomic(run_dir / "samples.json", {"pre": samples})
     metrics = RunMetrics(defense=provenance.get("defense", "unknown"), seed=int(cfg.seed), pre=pre,
-                         model_path=str(cfg.model_path), environment=environment()).write(run_dir)
+                         model_path=str(cfg.model_path), environment=environment(),
+                         made_in=provenance.get("made_in")).write(run_dir)
     log.info("metrics: %s", run_dir / METRICS_FILE)
     return metrics
 

@@ -24,6 +24,7 @@ from selfdestruct.pipeline.config import AttackConfig, OptimConfig, TrainerConfi
 from selfdestruct.pipeline.training import StageContext, fit
 from selfdestruct.errors import UserError
 from selfdestruct.utils.cache import cached_dir, work_dir
+from selfdestruct.utils.provenance import stage_record
 
 log = logging.getLogger(__name__)
 # Bump when a change to the code changes what a cached stage would produce.
@@ -55,16 +56,25 @@ def _sft_module(model, optim: OptimConfig, prefix: str) -> SFTModule:
     return SFTModule(model, optim, log_prefix=prefix)
 
 
+def made_in(parent: Path | None, stage: str | None) -> list[dict[str, Any]]:
+    """A model's lineage: the stages that made ``parent`` (its provenance), then ``stage`` as run in this process
+    (None: the weights are the parent's)."""
+    lineage = list(read_provenance(parent).get("made_in", [])) if parent is not None else []
+    return lineage + ([stage_record(stage)] if stage else [])
+
+
 def _sft_and_save(ctx: StageContext, model, tokenizer, examples: list[Example], stage: str, optim: OptimConfig,
-                  out: Path, key: dict, ckpt_dir: Path) -> None:
+                  out: Path, key: dict, ckpt_dir: Path, parent: Path | None = None) -> None:
     """One cached SFT stage: train on shuffled ``examples``, log beside the entry, save the model into it;
-    checkpoints in ``ckpt_dir`` (the entry's work directory) let a killed build resume."""
+    checkpoints in ``ckpt_dir`` (the entry's work directory) let a killed build resume; ``parent``: the model it
+    started from (its lineage is carried on)."""
     module = _sft_module(model, optim, stage)
     datamodule = _single_stream(_shuffled(examples, ctx.seed), tokenizer, optim, ctx.fmt, ctx.seed)
     csv = CSVLogger(save_dir=str(out), name="csv", version="")
     fit(module, datamodule, ctx.trainer, optim.epochs, [csv, *ctx.loggers], out, ckpt_dir=ckpt_dir, ckpt_key=key)
-    save_model_dir(module.model, tokenizer, out / "model", {"stage": stage if stage != "pretrain" else "base",
-                                                            "key": key})
+    saved = stage if stage != "pretrain" else "base"
+    save_model_dir(module.model, tokenizer, out / "model", {"stage": saved, "key": key,
+                                                            "made_in": made_in(parent, saved)})
 
 
 def length_key(trainer: TrainerConfig) -> dict[str, Any]:
@@ -107,7 +117,7 @@ def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig) -> 
         model, tokenizer = load_model_dir(base_dir, key="base model", options=ctx.load)
         log.info("safety alignment on %d examples", len(ctx.bundle.align))
         _sft_and_save(ctx, model, tokenizer, ctx.bundle.align, "align", optim, out, key,
-                      work_dir(ctx.cache_root, "align", key) / "checkpoints")
+                      work_dir(ctx.cache_root, "align", key) / "checkpoints", parent=base_dir)
 
     return cached_dir(ctx.cache_root, "align", key, build) / "model"
 
@@ -243,7 +253,8 @@ def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSp
                                   ckpt_key=key, trap_check=check)
         provenance = {"stage": "defend", "defense": defense.display_name, "method": defense.name, "seed": ctx.seed,
                       "defense_seed": seed,
-                      "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key}
+                      "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key,
+                      "made_in": made_in(aligned_dir, "defend" if defense.name != "sft" else None)}
         if check is not None:
             provenance["trap_check"] = check.results
         save_model_dir(model, tokenizer, out / "model", provenance)

@@ -55,6 +55,7 @@ class Run:
     curve_name: str | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)  # metrics.json "environment" (provenance)
+    made_in: list[dict[str, Any]] = field(default_factory=list)  # metrics.json "made_in": where its weights were made
     attack_config: dict[str, Any] = field(default_factory=dict)  # metrics.json "attack.config": every attack field
     search: dict[str, Any] = field(default_factory=dict)  # metrics.json "search": the attacker's success
     model_path: str | None = None  # metrics.json "model_path": the model the run started from
@@ -217,6 +218,7 @@ def _fill_from_metrics(run: Run, metrics: RunMetrics) -> None:
     run.pre, run.aligned = metrics.pre, metrics.aligned
     run.model_path, run.job_overrides = metrics.model_path, metrics.overrides
     run.red_team = metrics.red_team or {}
+    run.made_in = metrics.made_in or []
     if metrics.attack is None:
         run.stage = "defend"
         return

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfdestruct.utils.provenance import describe, numerics_fingerprint
+from selfdestruct.utils.provenance import describe, describe_stage, numerics_fingerprint, stage_fingerprint
 from selfdestruct.report.collect import Run, number
 from selfdestruct.report.search import SearchResult, find_searches
 
@@ -289,15 +289,35 @@ class Report:
                 groups.setdefault(numerics_fingerprint(run.environment), []).append(run)
         return groups
 
+    def stage_environments(self) -> dict[str, list[tuple[str, int]]]:
+        """For each stage that made the runs' weights (metrics.json ``made_in``: base, align, defend), where it ran
+        (:func:`describe_stage`) and for how many completed runs, most first; runs that recorded no lineage are
+        left out."""
+        stages: dict[str, dict[str, list]] = {}
+        for run in self.runs:
+            if run.status == "ok":
+                for record in run.made_in:
+                    place = stages.setdefault(str(record.get("stage")), {}).setdefault(
+                        stage_fingerprint(record), [describe_stage(record), 0])
+                    place[1] += 1
+        return {stage: sorted(((what, n) for what, n in places.values()), key=lambda item: -item[1])
+                for stage, places in stages.items()}
+
     def environment_warning(self) -> str | None:
-        """A warning when the runs compared were made in different environments (or some say nothing)."""
-        groups = self.environments()
-        if len(groups) <= 1:
-            return None
+        """A warning when the runs compared, or the stages that made their weights, ran in different environments
+        (or some runs say nothing)."""
         parts = []
-        for fingerprint, runs in sorted(groups.items(), key=lambda item: -len(item[1])):
-            what = describe(runs[0].environment) if runs[0].environment else "no provenance recorded"
-            parts.append(f"{len(runs)} runs [{fingerprint}]: {what}")
+        groups = self.environments()
+        if len(groups) > 1:
+            for fingerprint, runs in sorted(groups.items(), key=lambda item: -len(item[1])):
+                what = describe(runs[0].environment) if runs[0].environment else "no provenance recorded"
+                parts.append(f"{len(runs)} runs [{fingerprint}]: {what}")
+        for stage, places in self.stage_environments().items():
+            if len(places) > 1:  # e.g. cached stages made with other thread counts: on some hosts, other weights
+                parts.append(f"the {stage} stage of their weights ran in different environments: " +
+                             ", ".join(f"{n} runs on {what}" for what, n in places))
+        if not parts:
+            return None
         return ("runs made in different environments are compared; their numbers may differ for that reason "
                 "alone: " + "; ".join(parts))
 

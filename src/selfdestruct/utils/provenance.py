@@ -113,6 +113,33 @@ def environment() -> dict:
     }
 
 
+WEIGHTS_KEYS = ("torch_threads", "cpu", "cpu_id", "cpu_capability", "gpus")  # what a stage's record keeps
+
+
+def stage_record(stage: str) -> dict:
+    """Where a stage that trains weights ran (its thread count, processor, kernel path and kernel-selecting
+    variables), for the saved model's lineage (``made_in``): on some hosts the thread count alone changes the
+    weights, and a cached stage is reused by runs with other settings."""
+    env = environment()
+    return {"stage": stage, **{k: env[k] for k in WEIGHTS_KEYS},
+            "env": {k: v for k, v in env["env"].items() if k in KERNEL_ENV}}
+
+
+def stage_fingerprint(record: dict) -> str:
+    """A short hash of where one stage of a model's lineage ran (like :func:`numerics_fingerprint`, without
+    ``cpu_id``)."""
+    described = {k: record.get(k) for k in ("torch_threads", "cpu", "cpu_capability", "gpus", "env")}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def describe_stage(record: dict) -> str:
+    """``2 threads, AVX512 on AMD EPYC`` (and the kernel-selecting variables set)."""
+    extra = " ".join(f"{k}={v}" for k, v in (record.get("env") or {}).items())
+    where = ", ".join(record.get("gpus") or []) or record.get("cpu", "?")
+    return f"{record.get('torch_threads')} threads, {record.get('cpu_capability')} on {where}" + \
+        (f", {extra}" if extra else "")
+
+
 def numerics_fingerprint(env: dict | None) -> str:
     """A short hash of what decides the floating-point path (not the host name or the date)."""
     if not env:

@@ -65,6 +65,8 @@ class RunMetrics:
     environment: dict[str, Any] = field(default_factory=dict)  # provenance: versions, threads, CPU/GPU
     red_team: dict[str, Any] | None = None  # the defended model's last red-team check (defense.trap_check), from
     #   its provenance (red_team_record): no_win, cells, epoch, utility, harmful_score, defense_seed; None: unchecked
+    made_in: list[dict[str, Any]] | None = None  # the stages that trained the weights the run started from (base,
+    #   align, defend), each where it ran (provenance.stage_record): cached stages may come from another process
 
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if v is not None}
@@ -101,7 +103,9 @@ class RunMetrics:
                    aligned=section("aligned") or {}, num_parameters=as_int(data.get("num_parameters")),
                    model_path=data["model_path"] if isinstance(data.get("model_path"), str) else None,
                    overrides=[str(o) for o in overrides] if isinstance(overrides, list) else None,
-                   environment=section("environment") or {}, red_team=section("red_team"))
+                   environment=section("environment") or {}, red_team=section("red_team"),
+                   made_in=[dict(r) for r in data["made_in"] if isinstance(r, Mapping)]
+                   if isinstance(data.get("made_in"), list) else None)
 
 
 def red_team_record(provenance: Mapping[str, Any]) -> dict[str, Any] | None:
