@@ -33,6 +33,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("avx2-fourth-rerun", "results_avx2_fourth_rerun.md", "avx2_fourth_rerun"),
         ("intel-avx512", "results_intel_avx512.md", "intel_avx512"),
         ("intel-avx512-heldout", "results_intel_avx512_heldout.md", "intel_avx512_heldout"),
+        ("intel-avx512-release", "results_intel_avx512_release.md", "intel_avx512_release"),
         ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
