@@ -113,7 +113,8 @@ def environment() -> dict:
     }
 
 
-WEIGHTS_KEYS = ("torch_threads", "cpu", "cpu_id", "cpu_capability", "gpus")  # what a stage's record keeps
+FINGERPRINT_KEYS = ("python", "packages", "torch_threads", "cpu", "cpu_capability", "gpus", "cuda")
+STAGE_FINGERPRINT_KEYS = ("torch_threads", "cpu", "cpu_capability", "gpus")  # a stage record's share of them
 
 
 def stage_record(stage: str) -> dict:
@@ -121,30 +122,26 @@ def stage_record(stage: str) -> dict:
     variables), for the saved model's lineage (``made_in``): on some hosts the thread count alone changes the
     weights, and a cached stage is reused by runs with other settings."""
     env = environment()
-    return {"stage": stage, **{k: env[k] for k in WEIGHTS_KEYS},
+    return {"stage": stage, **{k: env[k] for k in (*STAGE_FINGERPRINT_KEYS, "cpu_id")},
             "env": {k: v for k, v in env["env"].items() if k in KERNEL_ENV}}
 
 
 def stage_fingerprint(record: dict) -> str:
-    """A short hash of where one stage of a model's lineage ran (like :func:`numerics_fingerprint`, without
-    ``cpu_id``)."""
-    described = {k: record.get(k) for k in ("torch_threads", "cpu", "cpu_capability", "gpus", "env")}
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+    """A short hash of where one stage of a model's lineage ran: :func:`numerics_fingerprint` of its record."""
+    return numerics_fingerprint(record, STAGE_FINGERPRINT_KEYS)
 
 
 def describe_stage(record: dict) -> str:
     """``2 threads, AVX512 on AMD EPYC`` (and the kernel-selecting variables set)."""
-    extra = " ".join(f"{k}={v}" for k, v in (record.get("env") or {}).items())
-    where = ", ".join(record.get("gpus") or []) or record.get("cpu", "?")
-    return f"{record.get('torch_threads')} threads, {record.get('cpu_capability')} on {where}" + \
+    extra = _kernel_variables(record)
+    return f"{record.get('torch_threads')} threads, {record.get('cpu_capability')} on {_where(record)}" + \
         (f", {extra}" if extra else "")
 
 
-def numerics_fingerprint(env: dict | None) -> str:
+def numerics_fingerprint(env: dict | None, keys: tuple[str, ...] = FINGERPRINT_KEYS) -> str:
     """A short hash of what decides the floating-point path (not the host name or the date)."""
     if not env:
         return "unknown"
-    keys = ("python", "packages", "torch_threads", "cpu", "cpu_capability", "gpus", "cuda")
     described = {k: env.get(k) for k in keys}
     # thread-count variables are already in torch_threads (joblib workers set them, plain runs may not)
     described["env"] = {k: v for k, v in (env.get("env") or {}).items() if k in KERNEL_ENV}
@@ -152,10 +149,19 @@ def numerics_fingerprint(env: dict | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def _where(env: dict) -> str:
+    """The GPUs an environment names, else its CPU."""
+    return ", ".join(env.get("gpus") or []) or env.get("cpu", "?")
+
+
+def _kernel_variables(env: dict) -> str:
+    """``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``: the recorded variables, as set."""
+    return " ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items())
+
+
 def describe(env: dict) -> str:
     """One line for humans: ``torch 2.13.0, AVX512 on Intel(R) Xeon(R) ..., 2 threads, Python 3.11.7``."""
     packages = env.get("packages") or {}
-    where = ", ".join(env.get("gpus") or []) or env.get("cpu", "?")
-    extra = " ".join(f"{k}={v}" for k, v in (env.get("env") or {}).items())
-    return (f"torch {packages.get('torch')}, {env.get('cpu_capability')} on {where}, {env.get('torch_threads')} "
+    extra = _kernel_variables(env)
+    return (f"torch {packages.get('torch')}, {env.get('cpu_capability')} on {_where(env)}, {env.get('torch_threads')} "
             f"threads, Python {env.get('python')}" + (f", {extra}" if extra else ""))
