@@ -19,6 +19,9 @@ need only its defended model, so they may run side by side once it exists; among
 first defense's go first (the costliest, so that the cheap defenses are defended and attacked while it trains, and
 its own grid and fine-tune share the cores at the end). Each defense writes ``OUT/{defend,grid,benign}/D``.
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
+5. For the default demo (seed 0, the default defenses, no overrides): ``experiments/recorded_demos.py`` — whether
+   this machine printed the same table as a recorded run of the demo (``experiments/results_*.md``, the README's
+   machines), else the nearest record and the cells that differ (``OUT/report/recorded.json``).
 
 Each command of 1-3 and the shared stages writes its output to ``OUT/logs/<stage>_<defense>.log``; the console gets
 the command and one line when it ends (a failure adds the log's last lines). ``--verbose`` streams it all instead.
@@ -174,6 +177,12 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
     return failed
 
 
+def compare_with_records(out: Path) -> int:
+    """Step 5: this demo's table against the recorded runs of the demo (a child, so the launcher imports no torch)."""
+    return run([str(Path(__file__).resolve().parent / "recorded_demos.py"), str(out), "--json",
+                str(out / "report" / "recorded.json")], check=False)
+
+
 def shared_stages(out: Path, common: list[str]) -> list[str]:
     """The pre-training and alignment every defense starts from, built into the cache by SFT's defend (its
     defended model is the aligned model), in a directory of its own that the report does not compare."""
@@ -256,6 +265,11 @@ def main() -> int:
     else:
         status = full(out, args.defenses.split(","), common, args.jobs, args.verbose)
         print(f"dashboard: {out / 'report' / 'dashboard.html'}")
+        if status == 0 and args.seed == 0 and args.defenses == ",".join(DEFAULT_DEFENSES) and not args.overrides:
+            compare_with_records(out)
+        elif status == 0:
+            print("recorded runs of this demo: compared only for the default demo (seed 0, the default defenses, "
+                  "no overrides)")
     seconds = time.perf_counter() - start
     cpu = None if any(c["cpu_s"] is None for c in TIMELINE) else sum(c["cpu_s"] for c in TIMELINE)
     print(f"quickstart wall time: {seconds:.0f} s" + (f" ({cpu:.0f} CPU-seconds of commands)" if cpu else "")

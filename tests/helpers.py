@@ -1,8 +1,11 @@
-"""Composing the project's Hydra configs in-process, as the entry points would, for tests."""
+"""Composing the project's Hydra configs in-process, as the entry points would, for tests; loading the project's
+scripts (experiments/, benchmarks/) as modules."""
 
 from __future__ import annotations
 
 import _thread
+import importlib.util
+import sys
 import signal
 import threading
 import time
@@ -18,6 +21,18 @@ from omegaconf import DictConfig, open_dict
 from selfdestruct import CONF_DIR as _CONF_DIR
 
 CONF_DIR = Path(_CONF_DIR)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """The script at ``relative`` (to the repository root) as a fresh module, registered under its file name (the
+    dataclasses of a script look their module up)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:

@@ -7,13 +7,11 @@ the experiment and tuned-defense configs are composed the way the entry points c
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import compose_config
+from helpers import compose_config, load_script
 
 from selfdestruct.objectives.ctrap import CtrapParams
 from selfdestruct.objectives.seam import SeamParams
@@ -26,11 +24,7 @@ LRS, SAMPLES = (2e-4, 3e-4, 5e-4), (100, 500, 1000)
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("nowin_run", REPO / "experiments" / "nowin" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/nowin/run.py")
 
 
 def _metrics(defense: str, seed: int, pre: dict, post: dict | None = None, attack: dict | None = None) -> dict:
@@ -141,10 +135,7 @@ def test_nowin_experiment_composes_as_the_attack_grid_over_defenses_and_seeds(tm
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("ctrap_recipe", REPO / "experiments" / "nowin" / "ctrap_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/nowin/ctrap_recipe.py")
 
 
 def test_ctrap_recipe_options_count_their_own_collapse_token():

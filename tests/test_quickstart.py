@@ -4,7 +4,6 @@ Commands are recorded instead of run, so nothing trains here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,17 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ctrl_c_noted, press_ctrl_c
+from helpers import ctrl_c_noted, load_script, press_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "experiments" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/quickstart.py")
 
 
 def _entry(args: list[str]) -> str:
@@ -157,12 +152,18 @@ def test_the_demo_records_and_prints_the_host_before_any_command(tmp_path, monke
     machine = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD cpu family 23 model 1 stepping 2", "gemm_gflops": 33.1}
     monkeypatch.setattr(qs, "host", lambda: events.append("host") or machine)
     monkeypatch.setattr(qs, "full", lambda *a, **k: events.append("full") or 0)
+    monkeypatch.setattr(qs, "compare_with_records", lambda out: events.append(("records", out)) or 0)
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path)])
     assert qs.main() == 0
-    assert events == ["host", "full"]
+    assert events == ["host", "full", ("records", tmp_path.resolve())]  # the default demo: against the records
     assert json.loads((tmp_path / "quickstart.json").read_text())["host"] == machine
     assert ("host: AMD EPYC (AuthenticAMD cpu family 23 model 1 stepping 2), "
             f"{os.cpu_count()} CPUs, float32 matrix products at 33.1 GFLOP/s on one thread") in capsys.readouterr().out
+    for other in (["--seed", "1"], ["--defenses", "sft"], ["trainer.max_steps=3"]):  # not what the records ran
+        events.clear()
+        monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path), *other])
+        assert qs.main() == 0 and events == ["host", "full"]
+        assert "compared only for the default demo" in capsys.readouterr().out
 
 
 def test_a_logged_command_writes_its_output_to_its_log_and_says_in_one_line_how_it_ended(tmp_path, capsys):

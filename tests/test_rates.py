@@ -3,17 +3,12 @@ statement of the same arithmetic."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from helpers import load_script
 
 stats = pytest.importorskip("scipy.stats")
 
-_spec = importlib.util.spec_from_file_location("rates", Path(__file__).resolve().parents[1] / "experiments" / "nowin"
-                                               / "rates.py")
-rates = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rates)
+rates = load_script("experiments/nowin/rates.py")
 
 
 @pytest.mark.parametrize("k,n", [(0, 5), (2, 5), (5, 5), (12, 15), (5, 10), (17, 25), (1, 1)])

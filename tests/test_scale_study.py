@@ -3,14 +3,12 @@ a deadline and Ctrl-C that stop work, and a table that says what did not finish.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ctrl_c_noted, press_ctrl_c
+from helpers import ctrl_c_noted, load_script, press_ctrl_c
 
 from selfdestruct import CONF_DIR
 
@@ -19,11 +17,7 @@ CONF = Path(CONF_DIR)
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("scale_study", REPO / "experiments" / "scale" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/scale/run.py")
 
 
 def _epochs(overrides: list[str]) -> int:
