@@ -19,7 +19,8 @@ need only its defended model, so they may run side by side once it exists; among
 first defense's go first (the costliest, so that the cheap defenses are defended and attacked while it trains, and
 its own grid and fine-tune share the cores at the end). Each defense writes ``OUT/{defend,grid,benign}/D``.
 4. ``selfdestruct.report`` — tables and the offline HTML dashboard, whose path it prints.
-5. For the default demo (seed 0, the default defenses, no overrides): ``experiments/recorded_demos.py`` — whether
+5. For the default demo (seed 0, the default defenses, no overrides, the machine's default kernel path: what the
+   records ran): ``experiments/recorded_demos.py`` — whether
    this machine printed the same table as a recorded run of the demo (``experiments/results_*.md``, the README's
    machines), else the nearest record and the cells that differ (``OUT/report/recorded.json``).
 
@@ -177,6 +178,12 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
     return failed
 
 
+def default_kernel_path() -> bool:
+    """No variable that chooses the kernel path is set (``SELFDESTRUCT_REPRODUCIBLE`` off or unset)."""
+    chosen = os.environ.get("SELFDESTRUCT_REPRODUCIBLE", "").strip().lower() not in ("", "0", "false", "no")
+    return not (chosen or os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("MKL_CBWR"))
+
+
 def compare_with_records(out: Path) -> int:
     """Step 5: this demo's table against the recorded runs of the demo (a child, so the launcher imports no torch)."""
     return run([str(Path(__file__).resolve().parent / "recorded_demos.py"), str(out), "--json",
@@ -265,11 +272,12 @@ def main() -> int:
     else:
         status = full(out, args.defenses.split(","), common, args.jobs, args.verbose)
         print(f"dashboard: {out / 'report' / 'dashboard.html'}")
-        if status == 0 and args.seed == 0 and args.defenses == ",".join(DEFAULT_DEFENSES) and not args.overrides:
+        if status == 0 and args.seed == 0 and args.defenses == ",".join(DEFAULT_DEFENSES) and not args.overrides \
+                and default_kernel_path():
             compare_with_records(out)
         elif status == 0:
             print("recorded runs of this demo: compared only for the default demo (seed 0, the default defenses, "
-                  "no overrides)")
+                  "no overrides, the machine's default kernel path)")
     seconds = time.perf_counter() - start
     cpu = None if any(c["cpu_s"] is None for c in TIMELINE) else sum(c["cpu_s"] for c in TIMELINE)
     print(f"quickstart wall time: {seconds:.0f} s" + (f" ({cpu:.0f} CPU-seconds of commands)" if cpu else "")

@@ -153,17 +153,26 @@ def test_the_demo_records_and_prints_the_host_before_any_command(tmp_path, monke
     monkeypatch.setattr(qs, "host", lambda: events.append("host") or machine)
     monkeypatch.setattr(qs, "full", lambda *a, **k: events.append("full") or 0)
     monkeypatch.setattr(qs, "compare_with_records", lambda out: events.append(("records", out)) or 0)
+    for name in ("SELFDESTRUCT_REPRODUCIBLE", "ATEN_CPU_CAPABILITY", "MKL_CBWR"):
+        monkeypatch.delenv(name, raising=False)  # the machine's default kernel path, as the records ran
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path)])
     assert qs.main() == 0
     assert events == ["host", "full", ("records", tmp_path.resolve())]  # the default demo: against the records
     assert json.loads((tmp_path / "quickstart.json").read_text())["host"] == machine
     assert ("host: AMD EPYC (AuthenticAMD cpu family 23 model 1 stepping 2), "
             f"{os.cpu_count()} CPUs, float32 matrix products at 33.1 GFLOP/s on one thread") in capsys.readouterr().out
-    for other in (["--seed", "1"], ["--defenses", "sft"], ["trainer.max_steps=3"]):  # not what the records ran
+    not_recorded = [(["--seed", "1"], {}), (["--defenses", "sft"], {}), (["trainer.max_steps=3"], {}),
+                    ([], {"SELFDESTRUCT_REPRODUCIBLE": "1"}), ([], {"MKL_CBWR": "AUTO"})]
+    for args, env in not_recorded:  # not what the records ran: no comparison, and a line that says why
         events.clear()
-        monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path), *other])
-        assert qs.main() == 0 and events == ["host", "full"]
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            m.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path), *args])
+            assert qs.main() == 0 and events == ["host", "full"]
         assert "compared only for the default demo" in capsys.readouterr().out
+    monkeypatch.setenv("SELFDESTRUCT_REPRODUCIBLE", "0")  # off: the default path, compared
+    assert qs.default_kernel_path()
 
 
 def test_a_logged_command_writes_its_output_to_its_log_and_says_in_one_line_how_it_ended(tmp_path, capsys):
