@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import load_script
+from helpers import REPO, load_script
 
 from selfdestruct.utils import kernel_path
 
@@ -52,3 +52,34 @@ def test_the_threads_mode_trains_the_same_weights_on_one_and_two_threads():
     one, two = (run_child(t, SELFDESTRUCT_REPRODUCIBLE="threads") for t in (1, 2))
     assert one["kernel_env"] == {"MKL_CBWR": "AUTO,STRICT", "ATEN_CPU_CAPABILITY": None}
     assert one["weights"] == two["weights"]
+
+
+@pytest.mark.parametrize("differs", [False, True])
+def test_the_invariance_script_compares_each_stages_weights_of_one_and_two_threads_byte_for_byte(tmp_path, differs):
+    """experiments/thread_invariance.sh with ``python -m`` replaced by a stub that writes a stage's weights (bytes
+    that carry the thread count when ``differs``) and the run's metrics.json; ``python -c`` is the real one."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    weights = '"$OMP_NUM_THREADS"' if differs else "same"
+    (stub / "python").write_text(f"""#!/bin/bash
+if [ "$1" != "-m" ]; then exec {sys.executable} "$@"; fi
+for stage in base align; do
+  mkdir -p "$SELFDESTRUCT_CACHE/$stage/key$OMP_NUM_THREADS/model"
+  echo "$stage {weights}" > "$SELFDESTRUCT_CACHE/$stage/key$OMP_NUM_THREADS/model/model.safetensors"
+done
+run=${{@: -1}}; mkdir -p "${{run#hydra.run.dir=}}"
+echo '{{"pre": {{"utility": 0.9'$OMP_NUM_THREADS'}}, "environment": {{"torch_threads": '$OMP_NUM_THREADS', '\\
+'"env": {{"MKL_CBWR": "AUTO,STRICT", "OMP_NUM_THREADS": "'$OMP_NUM_THREADS'"}}}}}}' \\
+  > "${{run#hydra.run.dir=}}/metrics.json"
+""")
+    (stub / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}{os.pathsep}{os.environ.get('PATH', '')}", "SELFDESTRUCT_REPRODUCIBLE": "threads"}
+    done = subprocess.run(["bash", str(REPO / "experiments" / "thread_invariance.sh"), str(tmp_path / "out"), "3"], capture_output=True, text=True, env=env,
+                          check=True)
+    said = (tmp_path / "out" / "invariance.txt").read_text()
+    assert said == done.stdout
+    verdict = "other weights at 2 threads than at 1" if differs else "the same weights at 1 and 2 threads"
+    assert said.splitlines()[0] == "seed 3, SELFDESTRUCT_REPRODUCIBLE=threads"
+    assert [line.split(" (")[0] for line in said.splitlines()[1:3]] == [f"base: {verdict}", f"align: {verdict}"]
+    assert said.splitlines()[3:] == ["aligned utility at 1 thread(s): 0.910 (torch threads 1; MKL_CBWR=AUTO,STRICT)",
+                                     "aligned utility at 2 thread(s): 0.920 (torch threads 2; MKL_CBWR=AUTO,STRICT)"]
