@@ -31,6 +31,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("intel-avx512", "results_intel_avx512.md", "intel_avx512"),
         ("intel-avx512-heldout", "results_intel_avx512_heldout.md", "intel_avx512_heldout"),
         ("intel-avx512-release", "results_intel_avx512_release.md", "intel_avx512_release"),
+        ("intel-avx512-never-used", "results_intel_avx512_never_used.md", "intel_avx512_never_used"),
         ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
