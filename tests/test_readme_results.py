@@ -32,6 +32,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("intel-avx512-heldout", "results_intel_avx512_heldout.md", "intel_avx512_heldout"),
         ("intel-avx512-release", "results_intel_avx512_release.md", "intel_avx512_release"),
         ("intel-avx512-never-used", "results_intel_avx512_never_used.md", "intel_avx512_never_used"),
+        ("intel-avx512-rerun", "results_intel_avx512_rerun.md", "intel_avx512_rerun"),
         ("search-current", "results_search_current.md", "search_current"),
     )},
     "README-lock-vs-newest": (REPO / "README.md", REPO / "experiments" / "lock_vs_newest.md", "lock_vs_newest"),
