@@ -18,18 +18,22 @@ import os
 import subprocess
 import sys
 
+from selfdestruct.utils import kernel_path
+
 PATHS = {
     "default": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
     "reproducible": {"SELFDESTRUCT_REPRODUCIBLE": "1"},
     "threads": {"SELFDESTRUCT_REPRODUCIBLE": "threads"},
 }
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "SELFDESTRUCT_REPRODUCIBLE", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# What a child's environment may not inherit from this one: only ``PATHS`` and ``threads`` choose its path and threads.
+KERNEL_VARIABLES = (kernel_path.VARIABLE, *kernel_path.MODE_VARIABLES, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 CHILD = r"""
 import hashlib, json, os, statistics, sys, time
 import selfdestruct  # applies SELFDESTRUCT_REPRODUCIBLE before torch is imported
 import torch
+from selfdestruct.utils.kernel_path import MODE_VARIABLES
 from selfdestruct.models.tiny import TinyLlamaConfig, build_tiny_llama
 
 steps, threads = int(sys.argv[1]), int(sys.argv[2])
@@ -65,7 +69,7 @@ with torch.no_grad():
     gen = (time.perf_counter() - start) / 32
 print(json.dumps({"step_s": statistics.median(times), "token_s": gen, "weights": digest.hexdigest()[:16],
                   "capability": torch.backends.cpu.get_cpu_capability(),
-                  "kernel_env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}}))
+                  "kernel_env": {k: os.environ.get(k) for k in MODE_VARIABLES}}))
 """
 
 

@@ -180,9 +180,9 @@ def run_plan(chains: list[list[list[str]]], jobs: int, runner) -> list[int]:
 
 def default_kernel_path() -> bool:
     """No variable that chooses the kernel path is set (``SELFDESTRUCT_REPRODUCIBLE`` off or unset)."""
-    from selfdestruct.utils.kernel_path import VARIABLE, mode  # no torch: the launcher stays light
+    from selfdestruct.utils.kernel_path import MODE_VARIABLES, VARIABLE, mode  # no torch: the launcher stays light
 
-    return not (mode(os.environ.get(VARIABLE)) or os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("MKL_CBWR"))
+    return not (mode(os.environ.get(VARIABLE)) or any(os.environ.get(name) for name in MODE_VARIABLES))
 
 
 def compare_with_records(out: Path) -> int:

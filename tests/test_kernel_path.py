@@ -73,9 +73,10 @@ echo '{{"pre": {{"utility": 0.9'$OMP_NUM_THREADS'}}, "environment": {{"torch_thr
   > "${{run#hydra.run.dir=}}/metrics.json"
 """)
     (stub / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{stub}{os.pathsep}{os.environ.get('PATH', '')}", "SELFDESTRUCT_REPRODUCIBLE": "threads"}
-    done = subprocess.run(["bash", str(REPO / "experiments" / "thread_invariance.sh"), str(tmp_path / "out"), "3"], capture_output=True, text=True, env=env,
-                          check=True)
+    env = {**os.environ, "PATH": f"{stub}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SELFDESTRUCT_REPRODUCIBLE": "threads"}
+    done = subprocess.run(["bash", str(REPO / "experiments" / "thread_invariance.sh"), str(tmp_path / "out"), "3"],
+                          capture_output=True, text=True, env=env, check=True)
     said = (tmp_path / "out" / "invariance.txt").read_text()
     assert said == done.stdout
     verdict = "other weights at 2 threads than at 1" if differs else "the same weights at 1 and 2 threads"

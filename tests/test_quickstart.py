@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import ctrl_c_noted, load_script, press_ctrl_c
 
+from selfdestruct.utils import kernel_path
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -153,7 +155,7 @@ def test_the_demo_records_and_prints_the_host_before_any_command(tmp_path, monke
     monkeypatch.setattr(qs, "host", lambda: events.append("host") or machine)
     monkeypatch.setattr(qs, "full", lambda *a, **k: events.append("full") or 0)
     monkeypatch.setattr(qs, "compare_with_records", lambda out: events.append(("records", out)) or 0)
-    for name in ("SELFDESTRUCT_REPRODUCIBLE", "ATEN_CPU_CAPABILITY", "MKL_CBWR"):
+    for name in (kernel_path.VARIABLE, *kernel_path.MODE_VARIABLES):
         monkeypatch.delenv(name, raising=False)  # the machine's default kernel path, as the records ran
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path)])
     assert qs.main() == 0

@@ -300,7 +300,7 @@ class Report:
                     place = stages.setdefault(str(record.get("stage")), {}).setdefault(
                         stage_fingerprint(record), [describe_stage(record), 0])
                     place[1] += 1
-        return {stage: sorted(((what, n) for what, n in places.values()), key=lambda item: -item[1])
+        return {stage: sorted(map(tuple, places.values()), key=lambda item: -item[1])
                 for stage, places in stages.items()}
 
     def environment_warning(self) -> str | None:

@@ -18,6 +18,7 @@ MODES: dict[str, dict[str, str]] = {
     "portable": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
     "threads": {"MKL_CBWR": "AUTO,STRICT"},
 }
+MODE_VARIABLES = tuple(sorted({name for variables in MODES.values() for name in variables}))  # what a mode may set
 _SPELLINGS = {"1": "portable", "true": "portable", "yes": "portable", "portable": "portable", "threads": "threads",
               "": None, "0": None, "false": None, "no": None}
 
