@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from selfdestruct.cli_config import (cache_root, check_eval_device, data_key, model_arch, optim_config,
+from selfdestruct.cli_config import (align_seed, cache_root, check_eval_device, data_key, model_arch, optim_config,
                                      prompt_format, resolved_config, to_dataclass, trainer_config)
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.errors import UserError
@@ -145,11 +145,12 @@ def defended_dir(cfg: DictConfig, bundle: DataBundle, loggers, run_dir: Path, sp
         if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path:
             raise UserError("model.path is required with model=hf: a local Hugging Face checkpoint directory")
         base = Path(cfg.model.path).expanduser()
-        aligned = aligned_model_dir(ctx, base, optim_config(cfg, "align")) if cfg.model.align else base
+        aligned = (aligned_model_dir(ctx, base, optim_config(cfg, "align"), align_seed(cfg)) if cfg.model.align
+                   else base)
     else:
         embedded = dataclasses.replace(ctx, load=LoadOptions())  # a model built from config loads as saved
         base = base_model_dir(embedded, model_arch(cfg), optim_config(cfg, "pretrain"))
-        aligned = aligned_model_dir(embedded, base, optim_config(cfg, "align"))
+        aligned = aligned_model_dir(embedded, base, optim_config(cfg, "align"), align_seed(cfg))
 
     def make_evaluator(tokenizer):
         return evaluator(cfg, tokenizer, bundle)

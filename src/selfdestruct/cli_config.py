@@ -53,7 +53,16 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
 
 
 def optim_config(cfg: DictConfig, group: str) -> OptimConfig:
-    return to_dataclass(OptimConfig, cfg[group], group)
+    """A stage's optimiser settings; the alignment's node also holds its own seed (:func:`align_seed`)."""
+    return to_dataclass(OptimConfig, cfg[group], group, drop=("seed",) if group == "align" else ())
+
+
+def align_seed(cfg: DictConfig) -> int | None:
+    """``align.seed``: the alignment stage's own seed (its data order), an integer >= 0; None: the run's seed."""
+    seed = cfg.align.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UserError(f"align.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
+    return seed
 
 
 def prompt_format(cfg: DictConfig) -> PromptFormat:
@@ -111,7 +120,7 @@ def check_stage_settings(cfg: DictConfig) -> None:
     ``model.path``), before any work; the defense's parameters follow once torch is imported
     (``cli_common.defense_spec``)."""
     check_branch_threads(trainer_config(cfg))
-    check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align"), align_seed(cfg)
     if cfg.model.get("source") != "hf":
         model_arch(cfg)
     elif not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:

@@ -107,17 +107,22 @@ def base_model_dir(ctx: StageContext, arch: TinyLlamaConfig, optim: OptimConfig)
     return cached_dir(ctx.cache_root, "base", key, build) / "model"
 
 
-def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig) -> Path:
-    """Safety alignment (SFT on refusals plus benign answers) of ``base_dir``, cached by its configuration."""
+def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig, seed: int | None = None) -> Path:
+    """Safety alignment (SFT on refusals plus benign answers) of ``base_dir``, cached by its configuration.
+    ``seed``: the alignment's own seed (its data order, ``align.seed``); None: the run's seed."""
     key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": ctx.data_key,
            "optim": optim.cache_key(), "seed": ctx.seed, **length_key(ctx.trainer)}
+    if seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
+        key["align_seed"] = seed
+    order = ctx.seed if seed is None else seed
 
     def build(out: Path) -> None:
-        pl.seed_everything(ctx.seed, workers=True, verbose=False)
+        pl.seed_everything(order, workers=True, verbose=False)
         model, tokenizer = load_model_dir(base_dir, key="base model", options=ctx.load)
-        log.info("safety alignment on %d examples", len(ctx.bundle.align))
-        _sft_and_save(ctx, model, tokenizer, ctx.bundle.align, "align", optim, out, key,
-                      work_dir(ctx.cache_root, "align", key) / "checkpoints", parent=base_dir)
+        log.info("safety alignment on %d examples%s", len(ctx.bundle.align),
+                 "" if seed is None else f" (align.seed={seed})")
+        _sft_and_save(dataclasses.replace(ctx, seed=order), model, tokenizer, ctx.bundle.align, "align", optim, out,
+                      key, work_dir(ctx.cache_root, "align", key) / "checkpoints", parent=base_dir)
 
     return cached_dir(ctx.cache_root, "align", key, build) / "model"
 
