@@ -91,6 +91,8 @@ BAD_DEFEND = [
     (["defense=seam", "defense.seed=-1"], "defense.seed=-1: expected an integer >= 0 or null"),
     (["defense=ctrap", "defense.seed=1.5"], "defense.seed=1.5"),
     (["+defense.seed=3"], "defense.seed=3: defense=sft trains nothing"),
+    (["align.seed=-1"], "align.seed=-1: expected an integer >= 0 or null"),
+    (["align.seed=true"], "align.seed=True"),
     (["+defense.optim.lr=1e-5"], "defense.optim: defense=sft trains nothing"),
     (["defense=seam", "~defense.optim.lr"], "defense.optim.lr is required (missing from the config)"),
     (["pretrain.schedule=step"], "pretrain.schedule='step'"),

@@ -256,6 +256,27 @@ def test_defense_seed_trains_the_defense_in_its_own_order_on_one_aligned_model(t
     assert len(list((cache / "defend").glob("*/key.json"))) == 3
 
 
+def test_align_seed_aligns_one_base_model_in_its_own_order(tmp_path):
+    """align.seed=null and align.seed equal to the run's seed are one aligned model (one cache entry, whose key is
+    what it was before the option existed); another align.seed aligns the same pre-trained base in another order:
+    another aligned entry (its key and the model's provenance name the seed), other weights, the same base."""
+    cache = tmp_path / "cache"
+    base = ["model=micro", "trainer.progress_bar=false", "eval.max_examples=4", "eval.max_new_tokens=8",
+            f"paths.cache_dir={cache}", "trainer.max_steps=2", "seed=3"]
+    weights = {}
+    for name, extra in (("null", []), ("same", ["align.seed=3"]), ("other", ["align.seed=4"])):
+        defend(compose_config("defend", [*base, *extra], tmp_path / name))
+        weights[name] = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+    keys = sorted(json.loads(p.read_text()).get("align_seed", -1) for p in (cache / "align").glob("*/key.json"))
+    assert keys == [-1, 4]  # the run's own seed, named or not, is one entry without the new key
+    assert all(torch.equal(weights["null"][k], weights["same"][k]) for k in weights["null"])
+    assert not all(torch.equal(weights["null"][k], weights["other"][k]) for k in weights["null"])
+    assert len(list((cache / "base").glob("*/key.json"))) == 1  # one pre-trained base under all three
+    seeds = {name: json.loads((tmp_path / name / "model" / "selfdestruct.json").read_text())["align_seed"]
+             for name in weights}
+    assert seeds == {"null": 3, "same": 3, "other": 4}  # the defended model names the alignment it started from
+
+
 def test_stage_logs_keep_lightnings_cloud_logger_advert_out(caplog):
     import importlib
     import logging

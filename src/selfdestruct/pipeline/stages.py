@@ -112,9 +112,9 @@ def aligned_model_dir(ctx: StageContext, base_dir: Path, optim: OptimConfig, see
     ``seed``: the alignment's own seed (its data order, ``align.seed``); None: the run's seed."""
     key = {"stage": "align", "version": CACHE_VERSION, "base": checkpoint_id(base_dir), "data": ctx.data_key,
            "optim": optim.cache_key(), "seed": ctx.seed, **length_key(ctx.trainer)}
-    if seed is not None:  # absent otherwise, so that the entries cached before the option keep their keys
-        key["align_seed"] = seed
     order = ctx.seed if seed is None else seed
+    if order != ctx.seed:  # absent otherwise: the run's own order is one entry, whose key is what it was before
+        key["align_seed"] = order
 
     def build(out: Path) -> None:
         pl.seed_everything(order, workers=True, verbose=False)
@@ -260,6 +260,9 @@ def trained_defense_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSp
                       "defense_seed": seed,
                       "aligned_metrics": aligned_metrics, "aligned_model": str(aligned_dir), "key": key,
                       "made_in": made_in(aligned_dir, "defend" if defense.name != "sft" else None)}
+        aligned_key = read_provenance(aligned_dir).get("key", {})
+        if aligned_key.get("stage") == "align":  # the alignment's own data order (align.seed; else the run's seed)
+            provenance["align_seed"] = aligned_key.get("align_seed", aligned_key.get("seed"))
         if check is not None:
             provenance["trap_check"] = check.results
         save_model_dir(model, tokenizer, out / "model", provenance)
