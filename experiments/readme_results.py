@@ -376,6 +376,35 @@ def trap_check_table(defend_runs: list[Path]) -> tuple[list[str], list[dict]]:
     return lines, metrics
 
 
+def trainings_table(model_dirs: list[Path]) -> tuple[list[str], list[dict]]:
+    """One row per trained defense with ``defense.trap_check`` (a defend run directory or a stage-cache entry, each
+    holding ``model/``), sorted by seed: the alignment and the defense order it was trained from (``align.seed``,
+    ``defense.seed``; the run's seed when not set), its red team's no-win on the released weights (the last check),
+    the defended model's utility on the red team's validation tasks and the aligned model's on the evaluation set."""
+    from selfdestruct.models.io import read_provenance
+
+    rows, metrics = [], []
+    for run in model_dirs:
+        p = read_provenance(run / "model")
+        if not p.get("trap_check"):
+            raise SystemExit(f"{run}: its model has no defense.trap_check results")
+        aligned = read_provenance(Path(p["aligned_model"])).get("key", {})
+        check = p["trap_check"][-1]
+        align_seed = aligned.get("align_seed", aligned.get("seed"))
+        rows.append((p["seed"], align_seed != p["seed"], align_seed, p["defense_seed"],
+                     f"| {p['seed']} | {align_seed} | {p['defense_seed']} | {check['no_win']}/{check['cells']} | "
+                     f"{check['pre']['utility']:.3f} | {p['aligned_metrics']['utility']:.3f} |"))
+        if (run / "metrics.json").exists():
+            metrics.append(_load(run))
+    lines = ["Trained `ctrap_tuned` models and their red team (`defense.trap_check`, the 9 cells of the release, on "
+             "the released weights), by the alignment (`align.seed`) and the defense's data order (`defense.seed`) "
+             "they were trained with (the run's seed when the same):", "",
+             "| seed | alignment | defense order | red team no-win | utility on the red team's validation tasks | "
+             "aligned model's utility |", "|---|---|---|---|---|---|"]
+    lines += [row[-1] for row in sorted(rows, key=lambda r: r[:4])]
+    return lines, metrics
+
+
 def geometry_table(files: list[Path]) -> tuple[list[str], list[dict]]:
     """The JSON of experiments/nowin/geometry.py --json (held-out cos(g_a, g_b) per released model) beside what the
     attack grid did to the model (``OUT/SETTING/sSEED/defend/model``, the layout of candidate.sh): the attacked
@@ -690,6 +719,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON-lines files of experiments/nowin/red_team.py --out")
     parser.add_argument("--trap-check", nargs="*", type=Path, default=[],
                         help="defend run directories of a defense with defense.trap_check: its checks per epoch")
+    parser.add_argument("--trainings", nargs="*", type=Path, default=[],
+                        help="defend run directories or stage-cache entries of defenses with defense.trap_check: "
+                             "their red team by alignment and defense order")
     parser.add_argument("--cascade", nargs="*", type=Path, default=[],
                         help="OUT/SETTING directories of candidate.sh runs with defense.trap_check, in the cascade's "
                              "order: what it releases on each seed (needs --cascade-sft)")
@@ -723,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
                 (args.kernel_paths, kernel_table), (args.search, search_table),
                 (args.recipe, recipe_table), (args.nowin, nowin_table), (args.attack_orders, attack_order_table),
                 (args.probe, probe_table), (args.red_team, red_team_table),
-                (args.trap_check, trap_check_table), (args.geometry, geometry_table),
+                (args.trap_check, trap_check_table), (args.trainings, trainings_table),
+                (args.geometry, geometry_table),
                 (args.cascade, lambda d: cascade_table(d, args.cascade_sft, utility_check=args.cascade_utility_check)),
                 (args.release_utility, release_utility_table), (args.lock_vs_newest, lock_table)]
     for dirs, table_of in sections:  # in this order in the output
@@ -733,8 +766,8 @@ def main(argv: list[str] | None = None) -> int:
             everything += metrics
     if not everything:
         parser.error("give --basic, --grid, --selection, --acceptance, --kernel-paths, --search, --recipe, --nowin, "
-                     "--attack-orders, --probe, --red-team, --trap-check, --geometry, --cascade, --release-utility "
-                     "and/or --lock-vs-newest inputs")
+                     "--attack-orders, --probe, --red-team, --trap-check, --trainings, --geometry, --cascade, "
+                     "--release-utility and/or --lock-vs-newest inputs")
     for item in args.wall_time:
         lines.append(wall_time_text(item))
     lines += ["", stamp(everything)]

@@ -79,6 +79,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("kernel-paths-held-ctrap", "kernel_paths_held_ctrap.md", "kernel_paths_held_ctrap"),
         ("release-utility", "release_utility.md", "release_utility"),
         ("cascade-utility-35-39", "cascade_utility_35_39.md", "cascade_utility_35_39"),
+        ("realign-51-54", "realign_51_54.md", "realign_51_54"),
     )},
 }
 
@@ -393,6 +394,34 @@ def test_trap_check_table_lists_the_checks_per_epoch_and_the_released_models_gri
         {"seed": 7, "defense": "trap", "trap_check": checks}))
     text, _ = gen.trap_check_table([run / "defend"])
     assert "| check | 7 | 4/9 | 8/9 | 4 (other weights, red team 6/9) | 1/2 |" in text
+
+
+def test_trainings_table_names_each_models_alignment_and_defense_order_and_sorts_them(tmp_path):
+    gen = _generator()
+
+    def model(name, seed, align_key, defense_seed, won, utility):
+        aligned = tmp_path / f"align_{name}" / "model"
+        aligned.mkdir(parents=True)
+        (aligned / "selfdestruct.json").write_text(json.dumps({"key": {"stage": "align", "seed": seed, **align_key}}))
+        (tmp_path / name / "model").mkdir(parents=True)
+        check = {"epoch": 3, "no_win": won, "cells": 9, "pre": {"utility": utility}}
+        (tmp_path / name / "model" / "selfdestruct.json").write_text(json.dumps(
+            {"seed": seed, "defense_seed": defense_seed, "aligned_model": str(aligned),
+             "aligned_metrics": {"utility": 0.93}, "trap_check": [check]}))
+        return tmp_path / name
+
+    runs = [model("realigned", 5, {"align_seed": 1005}, 5, 8, 0.977), model("reseeded", 5, {}, 1005, 3, 1.0),
+            model("first", 5, {}, 5, 6, 0.9961), model("other", 4, {}, 4, 9, 1.0)]
+    text, metrics = gen.trainings_table(runs)
+    rows = [line for line in text if line.startswith("| ") and line[2].isdigit()]
+    # by seed, then the run's own alignment before a re-drawn one, then the defense order
+    assert rows == ["| 4 | 4 | 4 | 9/9 | 1.000 | 0.930 |", "| 5 | 5 | 5 | 6/9 | 0.996 | 0.930 |",
+                    "| 5 | 5 | 1005 | 3/9 | 1.000 | 0.930 |", "| 5 | 1005 | 5 | 8/9 | 0.977 | 0.930 |"]
+    assert metrics == []  # stage-cache entries carry no metrics.json
+    (tmp_path / "bare" / "model").mkdir(parents=True)
+    (tmp_path / "bare" / "model" / "selfdestruct.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(SystemExit, match="bare: its model has no defense.trap_check results"):
+        gen.trainings_table([tmp_path / "bare"])
 
 
 def test_geometry_table_puts_each_models_held_out_cosine_beside_what_its_grid_did_to_its_utility(tmp_path):
