@@ -80,6 +80,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("release-utility", "release_utility.md", "release_utility"),
         ("cascade-utility-35-39", "cascade_utility_35_39.md", "cascade_utility_35_39"),
         ("realign-51-54", "realign_51_54.md", "realign_51_54"),
+        ("bases-50-56", "bases_50_56.md", "bases_50_56"),
     )},
 }
 

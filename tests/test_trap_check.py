@@ -348,8 +348,8 @@ def test_reseed_retries_the_configured_setting_with_other_defense_seeds_after_th
     # a release that no try qualified for says so (its trap is likely shallow); a qualified one does not
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     expected = (f"defense.trap_check: no setting tried qualified (3 of the red team's 4 cells); the released one won "
-                f"{max(wins)}: expect its trap to be shallow. On the embedded default the red team's count went with "
-                "the pre-trained base (the run's seed), not the alignment or the defense's data order: on two such "
+                f"{max(wins)}: expect its trap to be shallow. On the embedded default some pre-trained bases (the "
+                "run's seed) give a shallow trap whatever the alignment or the defense's data order: on two such "
                 "bases 1 of 10 retries reached 8 (experiments/nowin/README.md, block realign_51_54)")
     assert warned == ([] if max(wins) >= 3 else [expected])
     assert [s.params["lam"] for s in built] == [0.3, 0.5, 0.3, 0.3][:len(wins)]

@@ -183,9 +183,9 @@ def defended_model_dir(ctx: StageContext, aligned_dir: Path, defense: DefenseSpe
              overrides or "the configured params", "the run's" if defense_seed is None else defense_seed)
     if not (wins[best] >= check.fallback_at and kept[best]):
         log.warning("defense.trap_check: no setting tried qualified (%d of the red team's %d cells%s); the released "
-                    "one won %d: expect its trap to be shallow. On the embedded default the red team's count went "
-                    "with the pre-trained base (the run's seed), not the alignment or the defense's data order: on "
-                    "two such bases 1 of 10 retries reached 8 (experiments/nowin/README.md, block realign_51_54)",
+                    "one won %d: expect its trap to be shallow. On the embedded default some pre-trained bases (the "
+                    "run's seed) give a shallow trap whatever the alignment or the defense's data order: on two such "
+                    "bases 1 of 10 retries reached 8 (experiments/nowin/README.md, block realign_51_54)",
                     check.fallback_at, check.num_cells, "" if aligned_utility is None else " and the utility check",
                     wins[best])
     return models[best]
