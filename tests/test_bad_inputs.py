@@ -93,6 +93,8 @@ BAD_DEFEND = [
     (["+defense.seed=3"], "defense.seed=3: defense=sft trains nothing"),
     (["align.seed=-1"], "align.seed=-1: expected an integer >= 0 or null"),
     (["align.seed=true"], "align.seed=True"),
+    (["model=hf", "model.path=/nowhere", "align.seed=3"], "align.seed=3: model.align is false, so there is no "
+                                                           "alignment stage to seed"),
     (["+defense.optim.lr=1e-5"], "defense.optim: defense=sft trains nothing"),
     (["defense=seam", "~defense.optim.lr"], "defense.optim.lr is required (missing from the config)"),
     (["pretrain.schedule=step"], "pretrain.schedule='step'"),

@@ -120,7 +120,10 @@ def check_stage_settings(cfg: DictConfig) -> None:
     ``model.path``), before any work; the defense's parameters follow once torch is imported
     (``cli_common.defense_spec``)."""
     check_branch_threads(trainer_config(cfg))
-    check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align"), align_seed(cfg)
+    check_eval_device(cfg), optim_config(cfg, "pretrain"), optim_config(cfg, "align")
+    if align_seed(cfg) is not None and cfg.model.get("source") == "hf" and not cfg.model.get("align"):
+        raise UserError(f"align.seed={cfg.align.seed}: model.align is false, so there is no alignment stage to seed "
+                        "(model.align=true aligns the checkpoint first)")
     if cfg.model.get("source") != "hf":
         model_arch(cfg)
     elif not OmegaConf.is_missing(cfg.model, "path") and cfg.model.path:
