@@ -81,6 +81,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("cascade-utility-35-39", "cascade_utility_35_39.md", "cascade_utility_35_39"),
         ("realign-51-54", "realign_51_54.md", "realign_51_54"),
         ("bases-50-56", "bases_50_56.md", "bases_50_56"),
+        ("realign-grids", "realign_grids.md", "realign_grids"),
     )},
 }
 
