@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfdestruct.cli_config import (align_seed, cache_root, check_eval_device, data_key, model_arch, optim_config,
-                                     prompt_format, resolved_config, to_dataclass, trainer_config)
+                                     prompt_format, resolved_config, stage_seed, to_dataclass, trainer_config)
 from selfdestruct.data.sources import DataBundle
 from selfdestruct.errors import UserError
 from selfdestruct.eval.evaluator import Evaluator
@@ -102,9 +102,7 @@ def defense_spec(cfg: DictConfig) -> DefenseSpec:
     unknown = sorted(set(node) - {"name", "label", "params", "optim", "seed", "trap_check"})
     if unknown:
         raise UserError(f"defense.{unknown[0]}: unknown option (known: name, label, params, optim, seed, trap_check)")
-    seed = node.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UserError(f"defense.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
+    seed = stage_seed(node, "defense.seed")
     if seed is not None and node.name == "sft":
         raise UserError(f"defense.seed={seed}: defense=sft trains nothing, so it has no seed of its own")
     params = OmegaConf.to_container(node.params, resolve=True) if node.get("params") else {}

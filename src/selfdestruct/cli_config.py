@@ -57,12 +57,18 @@ def optim_config(cfg: DictConfig, group: str) -> OptimConfig:
     return to_dataclass(OptimConfig, cfg[group], group, drop=("seed",) if group == "align" else ())
 
 
-def align_seed(cfg: DictConfig) -> int | None:
-    """``align.seed``: the alignment stage's own seed (its data order), an integer >= 0; None: the run's seed."""
-    seed = cfg.align.get("seed")
+def stage_seed(node: DictConfig, key: str) -> int | None:
+    """A stage's own seed (``key``: ``align.seed``, ``defense.seed``), its data order: an integer >= 0; None (null):
+    the run's seed."""
+    seed = node.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UserError(f"align.seed={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
+        raise UserError(f"{key}={seed!r}: expected an integer >= 0 or null (null: the run's seed)")
     return seed
+
+
+def align_seed(cfg: DictConfig) -> int | None:
+    """``align.seed``: the alignment stage's own seed (:func:`stage_seed`)."""
+    return stage_seed(cfg.align, "align.seed")
 
 
 def prompt_format(cfg: DictConfig) -> PromptFormat:
