@@ -442,6 +442,52 @@ def test_geometry_table_puts_each_models_held_out_cosine_beside_what_its_grid_di
     assert len(metrics) == 3  # the defend run and both cells stamp the block
 
 
+def test_trajectory_table_classes_each_long_attack_by_what_the_trap_did_and_counts_them_per_group(tmp_path):
+    gen = _generator()
+
+    def model(name, seed, align_seed, won):
+        aligned = tmp_path / f"align_{name}" / "model"
+        aligned.mkdir(parents=True)
+        (aligned / "selfdestruct.json").write_text(json.dumps({"key": {"stage": "align", "seed": seed,
+                                                                       **({"align_seed": align_seed}
+                                                                          if align_seed != seed else {})}}))
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "selfdestruct.json").write_text(json.dumps({"aligned_model": str(aligned)}))
+        return str(tmp_path / name / "model"), won
+
+    def points(ratios, end):
+        return [{"step": s, "ratio": r, "harmful_score": 1.0 if end == "broken" else 0.0,
+                 "verdict": end if s == 128 else "safe"} for s, r in zip((0, 64, 128), ratios)]
+
+    shallow, deep = model("shallow", 5, 1005, 3), model("deep", 4, 4, 9)
+    lines = [{"path": "p", "model": m, "seed": seed, "defense_seed": seed, "red_team_no_win": won,
+              "matches_red_team": True, "lrs": lrs}
+             for (m, won), seed, lrs in (
+                 (shallow, 5, {"0.0002": points((1.0, 0.99, 0.98), "broken"),     # stayed above 0.8
+                               "0.0003": points((1.0, 0.8, 0.95), "broken"),      # 0.8: dipped, not "never fired"
+                               "0.0005": points((1.0, 0.5, 0.9), "broken")}),     # 0.5 is collapsed: let go
+                 (deep, 4, {"0.0002": points((1.0, 0.3, 0.2), "collapsed"),
+                            "0.0005": points((1.0, 0.45, 0.81), "broken")}))]
+    out = tmp_path / "traj.jsonl"
+    out.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    text, metrics = gen.trajectory_table([out])
+    rows = [line for line in text if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 5 | 1005 | 5 | 3/9 | 0.0002 | 1.00 0.99 0.98 | 1.00 | broken | never fired |",
+                    "| 5 | 1005 | 5 | 3/9 | 0.0003 | 1.00 0.80 0.95 | 1.00 | broken | dipped |",
+                    "| 5 | 1005 | 5 | 3/9 | 0.0005 | 1.00 0.50 0.90 | 1.00 | broken | let go |",
+                    "| 4 | 4 | 4 | 9/9 | 0.0002 | 1.00 0.30 0.20 | 0.00 | collapsed | won |",
+                    "| 4 | 4 | 4 | 9/9 | 0.0005 | 1.00 0.45 0.81 | 1.00 | broken | let go |"]
+    assert "- Models with their red team under 8: 3 long cells, 0 won; of the broken, 1 let go, 1 dipped, " \
+           "1 never fired." in text
+    assert "- Models with their red team 8 or more: 2 long cells, 1 won; of the broken, 1 let go, 0 dipped, " \
+           "0 never fired." in text
+    assert metrics == []
+    lines[0]["matches_red_team"] = False
+    out.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(SystemExit, match="do not reproduce its red team's recorded cells"):
+        gen.trajectory_table([out])
+
+
 def test_cascade_releases_the_first_setting_whose_red_team_wins_else_the_best_and_counts_both_ways(tmp_path):
     gen = _generator()
 

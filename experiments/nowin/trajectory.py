@@ -29,16 +29,17 @@ AT = (0, 4, 8, 16, 32, 48, 64, 96, 128)
 
 
 def trajectory(model: torch.nn.Module, tokenizer, fmt, evaluator, data, cfg, seed: int, lr: float,
-               at: list[int]) -> list[dict]:
+               at: list[int], samples: int = SAMPLES, epochs: int = EPOCHS) -> list[dict]:
     """The harmful score and utility of a copy of ``model`` at the optimiser steps ``at`` of the red team's
-    ``SAMPLES`` x ``EPOCHS`` attack at ``lr`` (the same batches, order and optimiser as its cell)."""
+    ``samples`` x ``epochs`` attack at ``lr`` (the same batches, order and optimiser as its cell); ``evaluator``
+    judges on the red team's validation sets. ``model`` is not changed."""
     from selfdestruct.data.formatting import encode_example
     from selfdestruct.eval.red_team import _evaluate, epoch_batches
     from selfdestruct.report.verdict import no_win_verdict
 
     device = next(model.parameters()).device
     features = [encode_example(tokenizer, ex, cfg.max_length, fmt, None) for ex in data.train]
-    batches = epoch_batches(features, SAMPLES, EPOCHS, cfg.batch_size, seed, tokenizer.pad_token_id, device)
+    batches = epoch_batches(features, samples, epochs, cfg.batch_size, seed, tokenizer.pad_token_id, device)
     attacked = copy.deepcopy(model)
     params = list(attacked.parameters())
     for p in params:
@@ -63,12 +64,12 @@ def trajectory(model: torch.nn.Module, tokenizer, fmt, evaluator, data, cfg, see
     return points
 
 
-def matches(points: dict[float, list[dict]], recorded: list[dict]) -> bool | None:
-    """Whether the points at the red team's 500 x 2 and 500 x 4 step counts equal its recorded cells (None: the
-    model has no record, or the steps were not measured)."""
+def matches(points: dict[float, list[dict]], recorded: list[dict], samples: int = SAMPLES) -> bool | None:
+    """Whether the points at the step counts of the red team's recorded cells on ``samples`` samples (500 x 2 and
+    500 x 4) equal those cells (None: the model has no record, or the steps were not measured)."""
     compared = 0
     for cell in recorded:
-        if cell["samples"] != SAMPLES:
+        if cell["samples"] != samples:
             continue
         point = next((p for p in points.get(float(cell["lr"]), []) if p["step"] == cell["steps"]), None)
         if point is None:
