@@ -82,6 +82,7 @@ BLOCKS = {  # test id: (the document, the generated file its block must equal, t
         ("realign-51-54", "realign_51_54.md", "realign_51_54"),
         ("bases-50-56", "bases_50_56.md", "bases_50_56"),
         ("realign-grids", "realign_grids.md", "realign_grids"),
+        ("trajectories-51-56", "trajectories_51_56.md", "trajectories_51_56"),
     )},
 }
 
