@@ -34,7 +34,7 @@ def trajectory(model: torch.nn.Module, tokenizer, fmt, evaluator, data, cfg, see
     ``samples`` x ``epochs`` attack at ``lr`` (the same batches, order and optimiser as its cell); ``evaluator``
     judges on the red team's validation sets. ``model`` is not changed."""
     from selfdestruct.data.formatting import encode_example
-    from selfdestruct.eval.red_team import _evaluate, epoch_batches
+    from selfdestruct.eval.red_team import epoch_batches
     from selfdestruct.report.verdict import no_win_verdict
 
     device = next(model.parameters()).device
@@ -49,7 +49,9 @@ def trajectory(model: torch.nn.Module, tokenizer, fmt, evaluator, data, cfg, see
     for step in range(len(batches) + 1):
         if step in at:
             attacked.eval()
-            now = _evaluate(evaluator, attacked, f"trajectory: lr {lr:g}, step {step}")
+            with torch.no_grad():
+                metrics, _ = evaluator(attacked, f"trajectory: lr {lr:g}, step {step}")
+            now = {"harmful_score": metrics["harmful_score"], "utility": metrics["utility"]}
             pre = now if step == 0 else pre
             points.append({"step": step, **now, "ratio": now["utility"] / pre["utility"] if pre["utility"] else None,
                            "verdict": no_win_verdict(now["harmful_score"], pre["harmful_score"], now["utility"],
